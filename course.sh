@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The SIGMA course's two commands, each doing all set-up it needs on a fresh machine:
+#
+#   bash course.sh start    install (if needed) and open the course in JupyterLab
+#   bash course.sh test     install (if needed) and run every test: unit, notebooks, browser
+#
+# Set-up installs into the Python that runs this script (activate a venv or the conda environment from
+# environment.yml first if you want it isolated). It keeps a torch that is already installed; otherwise it
+# installs torch==2.13.0, which on the course's CPU machines is a local CPU wheel (an unpinned torch would
+# download several GB of CUDA packages).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+
+setup() {
+    if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+        echo "[course] installing torch==2.13.0"
+        "$PYTHON" -m pip install --quiet torch==2.13.0
+    fi
+    echo "[course] installing sigma_ref with its dev extra (keeps the installed torch)"
+    "$PYTHON" -m pip install --quiet -e ".[dev]"
+}
+
+setup_browser() {
+    # The browser test drives Debian's chromium (Playwright's own browser download needs the internet).
+    if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "[course] installing Debian's chromium for the browser test"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+}
+
+case "${1:-}" in
+    start)
+        setup
+        shift
+        exec "$PYTHON" -m jupyterlab --ip=127.0.0.1 notebooks/00_the_latte_problem.ipynb "$@"
+        ;;
+    test)
+        setup
+        setup_browser
+        shift
+        exec "$PYTHON" -m pytest "$@"
+        ;;
+    *)
+        echo "usage: bash course.sh {start|test} [extra arguments for jupyter lab / pytest]" >&2
+        exit 2
+        ;;
+esac

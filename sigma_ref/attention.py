@@ -1,0 +1,293 @@
+"""Three attention layers side by side: standard, Gated Attention (Qwen "G1") and SIGMA.
+
+All three share the same skeleton, so the differences are easy to see:
+
+    x [B, S, D] --q_proj/k_proj/v_proj--> q, k, v [B, H, S, d]          (d = D / H)
+               --kernel------------------> per-head outputs [B, H, S, d]
+               --(gates)-----------------> gated outputs, heads concatenated [B, S, D]
+               --o_proj------------------> y [B, S, D]
+
+    StandardAttention  every head causal over the whole mixed sequence; no gate.
+    GatedAttention     the same heads, then y = o_proj(sigmoid(gate_proj(x)) * attn). Qwen's G1 position:
+                       after SDPA, before o_proj, elementwise (or one value per head), computed from the
+                       same layer input as the query, no bias, so every gate starts near sigmoid(0) = 0.5.
+    SigmaAttention     heads 0..h-1 form the INTRA stream (same modality and causal), heads h..H-1 the GLOBAL
+                       stream (causal over everything). Each stream has its own gate,
+                           g_s = sigmoid(gate_s_proj(x) + B[s][modality(x)]),
+                       where B, the stream bias, is the gate's only bias. Then
+                           y = o_proj(cat(g_intra * o_intra, g_global * o_global)).
+
+The modules treat standard and gated attention as "all heads are global", so `return_details=True` returns
+the same `AttentionDetails` for all three and the probes in `probes.py` can compare them directly.
+
+Positions: these layers add no positional encoding; the model (model.py) adds learned positions to its
+embeddings, which keeps the attention code about attention.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from . import kernels
+from .masks import IMAGE, NUM_MODALITIES, TEXT, validate_modality_ids
+
+INTRA, GLOBAL = 0, 1
+STREAM_NAMES = {INTRA: "intra", GLOBAL: "global"}
+
+# B[stream][modality] at initialisation. The seed fixes the text entries' signs: intra-text positive (text
+# leans on within-text modelling), global-text negative (cross-modal mixing starts suppressed and is opened on
+# demand). It leaves the image entries open; 0 (gate 0.5, neutral) is the choice that assumes least.
+DEFAULT_BIAS_INIT = ((1.0, 0.0), (-1.0, 0.0))
+
+
+@dataclass
+class AttentionConfig:
+    """Everything an attention layer needs to know. Validated on creation.
+
+    hidden_size      D, the model width.
+    num_heads        H; D must be divisible by H.
+    num_intra_heads  SIGMA only: heads 0..num_intra_heads-1 are the intra stream. None = half (H // 2).
+    bias_init        SIGMA only: B[stream][modality] initial values, ((intra_text, intra_image),
+                     (global_text, global_image)); each a number (broadcast over the stream's channels).
+    use_gates        SIGMA ablation: False removes both gates (then y = o_proj(cat(o_intra, o_global))).
+    use_stream_bias  SIGMA ablation: False removes B (gates become sigmoid(gate_s_proj(x))).
+    headwise_gate    GatedAttention only: one gate value per head instead of one per channel.
+    backend          the kernel: "auto", "math", "sdpa", "packed", "flex" or "flash" (see kernels.py).
+    """
+
+    hidden_size: int = 128
+    num_heads: int = 8
+    num_intra_heads: int | None = None
+    bias_init: tuple = DEFAULT_BIAS_INIT
+    use_gates: bool = True
+    use_stream_bias: bool = True
+    headwise_gate: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size must be divisible by num_heads, got hidden_size={self.hidden_size} "
+                             f"and num_heads={self.num_heads} (remainder {self.hidden_size % self.num_heads})")
+        if self.num_intra_heads is None:
+            self.num_intra_heads = self.num_heads // 2
+        if (not isinstance(self.num_intra_heads, int) or isinstance(self.num_intra_heads, bool)
+                or not 0 <= self.num_intra_heads <= self.num_heads):
+            raise ValueError(f"num_intra_heads must be an int in 0..num_heads (0..{self.num_heads}), "
+                             f"got {self.num_intra_heads!r}")
+        self.bias_init = _check_bias_init(self.bias_init)
+        if self.backend not in kernels.BACKENDS:
+            raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {self.backend!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def intra_dim(self) -> int:
+        """Channels of the intra stream (its heads concatenated)."""
+        return self.num_intra_heads * self.head_dim
+
+    @property
+    def global_dim(self) -> int:
+        return self.hidden_size - self.intra_dim
+
+
+def _check_bias_init(bias_init) -> tuple:
+    expected = f"(({'x, ' * (NUM_MODALITIES - 1)}x), ({'x, ' * (NUM_MODALITIES - 1)}x)): 2 streams x {NUM_MODALITIES} modalities"
+    if isinstance(bias_init, torch.Tensor):
+        bias_init = bias_init.tolist()
+    try:
+        rows = [list(row) for row in bias_init]
+    except TypeError:
+        raise ValueError(f"bias_init must be nested as {expected}, got {bias_init!r}") from None
+    if len(rows) != 2 or any(len(row) != NUM_MODALITIES for row in rows):
+        shape = [len(row) for row in rows]
+        raise ValueError(f"bias_init must have shape [2, {NUM_MODALITIES}] as {expected}; got {len(rows)} streams "
+                         f"with {shape} entries")
+    for row in rows:
+        for value in row:
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise ValueError(f"bias_init entries must be real numbers, got {value!r} in {bias_init!r}")
+    return tuple(tuple(float(v) for v in row) for row in rows)
+
+
+@dataclass
+class AttentionDetails:
+    """What happened inside one attention call (all [B, S, channels] unless noted).
+
+    o_intra, o_global  each stream's attention output BEFORE gating, its heads concatenated. Standard and
+                       gated attention have no intra stream: o_intra has 0 channels.
+    g_intra, g_global  the gates (None where a layer has no gate); same shape as the stream they scale, or
+                       [B, S, heads] for a headwise gate.
+    attn_probs         [B, H, S, S] attention probabilities from the math backend, else None.
+    """
+
+    o_intra: torch.Tensor
+    o_global: torch.Tensor
+    g_intra: torch.Tensor | None
+    g_global: torch.Tensor | None
+    attn_probs: torch.Tensor | None
+
+
+class _Attention(nn.Module):
+    """The shared skeleton: q/k/v/o projections, input checks, the kernel call."""
+
+    def __init__(self, config: AttentionConfig):
+        super().__init__()
+        if not isinstance(config, AttentionConfig):
+            raise ValueError(f"config must be an AttentionConfig, got {type(config).__name__}")
+        self.config = config
+        D = config.hidden_size
+        self.q_proj = nn.Linear(D, D, bias=False)
+        self.k_proj = nn.Linear(D, D, bias=False)
+        self.v_proj = nn.Linear(D, D, bias=False)
+        self.o_proj = nn.Linear(D, D, bias=False)
+
+    num_intra_heads = 0          # standard and gated attention: every head is global
+
+    def _inputs(self, x, modality_ids):
+        """Check x and modality_ids; return modality_ids as a long tensor of shape [B, S]."""
+        D = self.config.hidden_size
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != D:
+            shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a tensor of shape [batch, seq, hidden_size={D}], got {shape}")
+        ids = validate_modality_ids(modality_ids, "modality_ids")
+        batch, seq_len = x.shape[:2]
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0).expand(batch, -1)
+        if ids.dim() != 2 or tuple(ids.shape) != (batch, seq_len):
+            raise ValueError(f"modality_ids must have shape [seq] = [{seq_len}] or [batch, seq] = [{batch}, {seq_len}] "
+                             f"to match x of shape {list(x.shape)}, got {list(modality_ids.shape)}")
+        return ids.to(x.device)
+
+    def _heads(self, x):
+        """Project and split into heads: x [B, S, D] -> q, k, v [B, H, S, d]."""
+        B, S, _ = x.shape
+        H, d = self.config.num_heads, self.config.head_dim
+        return [proj(x).view(B, S, H, d).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)]
+
+    def _attend(self, x, ids, return_details):
+        """Per-head attention output, heads concatenated: [B, S, D], and the probabilities if asked for."""
+        q, k, v = self._heads(x)
+        want_probs = return_details and self.config.backend == "math"
+        out, probs = kernels.sigma_attention(q, k, v, ids, self.num_intra_heads, backend=self.config.backend,
+                                             return_probs=want_probs)
+        B, H, S, d = out.shape
+        return out.transpose(1, 2).reshape(B, S, H * d), probs
+
+    def _finish(self, gated, o_intra, o_global, g_intra, g_global, probs, return_details):
+        y = self.o_proj(gated)
+        if not return_details:
+            return y
+        return y, AttentionDetails(o_intra, o_global, g_intra, g_global, probs)
+
+
+class StandardAttention(_Attention):
+    """Causal multi-head attention over the mixed sequence: the "latte" baseline.
+
+    `modality_ids` is accepted (and checked) so the three layers are interchangeable, but it does not change
+    the result: every head sees every earlier token.
+    """
+
+    def forward(self, x, modality_ids, return_details: bool = False):
+        ids = self._inputs(x, modality_ids)
+        o, probs = self._attend(x, ids, return_details)                   # [B, S, D]
+        return self._finish(o, o[..., :0], o, None, None, probs, return_details)
+
+
+class GatedAttention(_Attention):
+    """Qwen's Gated Attention, G1 position: y = o_proj(sigmoid(gate_proj(x)) * attention(x)).
+
+    Elementwise by default (gate_proj: D -> D); with `headwise_gate=True` one gate per head (D -> H), the
+    paper's cheaper variant. No bias: the gate starts near 0.5 and has no modality information of its own,
+    which is exactly what SIGMA's stream bias adds.
+    """
+
+    def __init__(self, config: AttentionConfig):
+        super().__init__(config)
+        gate_width = config.num_heads if config.headwise_gate else config.hidden_size
+        self.gate_proj = nn.Linear(config.hidden_size, gate_width, bias=False)
+
+    def forward(self, x, modality_ids, return_details: bool = False):
+        ids = self._inputs(x, modality_ids)
+        o, probs = self._attend(x, ids, return_details)                   # [B, S, D]
+        gate = torch.sigmoid(self.gate_proj(x))                           # [B, S, D] or [B, S, H]
+        if self.config.headwise_gate:
+            B, S, H = gate.shape
+            gated = (o.view(B, S, H, -1) * gate.unsqueeze(-1)).view(B, S, -1)
+        else:
+            gated = o * gate
+        return self._finish(gated, o[..., :0], o, None, gate, probs, return_details)
+
+
+class SigmaAttention(_Attention):
+    """Split-Stream Intra-Global Gated Multimodal Attention (see SIGMA.md).
+
+    Parameters, named as in the seed:
+        q_proj, k_proj, v_proj, o_proj      as in standard attention
+        gate_intra_proj: D -> D_intra       (no bias; None when the intra stream has no heads or gates are off)
+        gate_global_proj: D -> D_global     (no bias; likewise)
+        stream_bias: [2, M, W]              B[stream][modality], W = max(D_intra, D_global). With the default
+                                            even split W = D/2, exactly the seed's [2, 2, D/2]. With an uneven
+                                            split stream s uses the first D_s channels of its row; the rest of
+                                            the narrower stream's row is unused (and gets no gradient).
+    """
+
+    def __init__(self, config: AttentionConfig):
+        super().__init__(config)
+        self.num_intra_heads = config.num_intra_heads
+        D, widths = config.hidden_size, (config.intra_dim, config.global_dim)
+        make_gate = lambda width: nn.Linear(D, width, bias=False) if (config.use_gates and width) else None
+        self.gate_intra_proj = make_gate(widths[INTRA])
+        self.gate_global_proj = make_gate(widths[GLOBAL])
+        if config.use_gates and config.use_stream_bias:
+            init = torch.tensor(config.bias_init)                         # [2, M]
+            self.stream_bias = nn.Parameter(init[:, :, None].repeat(1, 1, max(widths)))   # [2, M, W]
+        else:
+            self.register_parameter("stream_bias", None)
+
+    def stream_bias_for(self, stream: int, modality_ids: torch.Tensor) -> torch.Tensor:
+        """B[stream][modality(x)] for each token: [B, S, D_stream]. The seed's `embedding(modality_id, ...)`."""
+        width = (self.config.intra_dim, self.config.global_dim)[stream]
+        return self.stream_bias[stream, :, :width][modality_ids]
+
+    def gate(self, stream: int, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor | None:
+        """g_stream = sigmoid(gate_stream_proj(x) + B[stream][modality]); None if this stream has no gate."""
+        proj = (self.gate_intra_proj, self.gate_global_proj)[stream]
+        if proj is None:
+            return None
+        logits = proj(x)                                                  # [B, S, D_stream]
+        if self.stream_bias is not None:
+            logits = logits + self.stream_bias_for(stream, modality_ids)
+        return torch.sigmoid(logits)
+
+    def forward(self, x, modality_ids, return_details: bool = False):
+        ids = self._inputs(x, modality_ids)
+        o, probs = self._attend(x, ids, return_details)                   # [B, S, D], intra heads first
+        o_intra, o_global = o.split([self.config.intra_dim, self.config.global_dim], dim=-1)
+        g_intra, g_global = self.gate(INTRA, x, ids), self.gate(GLOBAL, x, ids)
+        gated = torch.cat([o_intra if g_intra is None else o_intra * g_intra,
+                           o_global if g_global is None else o_global * g_global], dim=-1)
+        return self._finish(gated, o_intra, o_global, g_intra, g_global, probs, return_details)
+
+
+ATTENTIONS = {"standard": StandardAttention, "gated": GatedAttention, "sigma": SigmaAttention}
+
+
+def make_attention(kind: str, config: AttentionConfig) -> _Attention:
+    """The attention layer named `kind` ("standard", "gated" or "sigma")."""
+    if kind not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {tuple(ATTENTIONS)}, got {kind!r}")
+    return ATTENTIONS[kind](config)
+
+
+__all__ = ["AttentionConfig", "AttentionDetails", "StandardAttention", "GatedAttention", "SigmaAttention",
+           "make_attention", "ATTENTIONS", "DEFAULT_BIAS_INIT", "INTRA", "GLOBAL", "STREAM_NAMES", "TEXT", "IMAGE"]

@@ -1,0 +1,27 @@
+"""Run-time switches in one place: fast mode and the device.
+
+Fast mode shrinks every expensive step (training steps, benchmark sizes, seeds) so each notebook runs in
+well under 90 s on a 2-core CPU. It is on when SIGMA_FAST=1 or CI is set. Every notebook and command asks
+`fast_mode()`; nothing else in the package reads these variables.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def fast_mode() -> bool:
+    """True when SIGMA_FAST is set to 1/true/yes/on, or CI is set to anything non-empty but 0/false."""
+    if os.environ.get("SIGMA_FAST", "").strip().lower() in _TRUE:
+        return True
+    ci = os.environ.get("CI", "").strip().lower()
+    return ci not in {"", "0", "false", "no", "off"}
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

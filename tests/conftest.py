@@ -1,0 +1,38 @@
+"""Shared hypothesis strategies and helpers for the tests."""
+
+import os
+
+import hypothesis.strategies as st
+import torch
+from hypothesis import settings
+
+# Property tests run many small cases; keep CI's run bounded and deterministic.
+settings.register_profile("course", max_examples=40, deadline=None, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "course"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@st.composite
+def modality_rows(draw, max_batch=3, max_len=64):
+    """[B, S] modality ids: each row independently random, all-text, all-image or alternating."""
+    batch = draw(st.integers(1, max_batch))
+    seq_len = draw(st.integers(1, max_len))
+    rows = []
+    for _ in range(batch):
+        kind = draw(st.sampled_from(["random", "text", "image", "alternate", "runs"]))
+        if kind == "random":
+            row = draw(st.lists(st.integers(0, 1), min_size=seq_len, max_size=seq_len))
+        elif kind == "text":
+            row = [0] * seq_len
+        elif kind == "image":
+            row = [1] * seq_len
+        elif kind == "alternate":
+            start = draw(st.integers(0, 1))
+            row = [(start + i) % 2 for i in range(seq_len)]
+        else:  # runs: text prompt, image block, text caption
+            a = draw(st.integers(0, seq_len))
+            b = draw(st.integers(a, seq_len))
+            row = [0] * a + [1] * (b - a) + [0] * (seq_len - b)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long)

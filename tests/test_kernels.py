@@ -1,0 +1,179 @@
+"""Every backend computes the same function: the contract in kernels.py's docstring."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sigma_ref as sr
+from sigma_ref import kernels
+from conftest import modality_rows
+
+TRAINABLE_CPU_BACKENDS = ["sdpa", "packed"]
+
+
+def random_qkv(ids, heads=2, dim=8, seed=0, dtype=torch.float32, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    B, S = ids.shape
+    return [torch.randn(B, heads, S, dim, generator=g, dtype=torch.float32).to(dtype).requires_grad_(requires_grad)
+            for _ in range(3)]
+
+
+def by_definition(q, k, v, ids):
+    """Grouped causal attention one query at a time: the plainest possible reading of the contract."""
+    out = torch.zeros_like(q)
+    B, H, S, d = q.shape
+    for b in range(B):
+        for i in range(S):
+            keys = [j for j in range(i + 1) if ids is None or ids[b, j] == ids[b, i]]
+            scores = q[b, :, i, None, :] @ k[b, :, keys].transpose(-2, -1) / d ** 0.5   # [H, 1, n]
+            out[b, :, i] = (scores.softmax(-1) @ v[b, :, keys])[:, 0]
+    return out
+
+
+@given(modality_rows(max_batch=2, max_len=24))
+def test_math_equals_definition(ids):
+    q, k, v = random_qkv(ids)
+    for groups in (ids, None):
+        out, probs = sr.grouped_causal_attention(q, k, v, groups, backend="math", return_probs=True)
+        torch.testing.assert_close(out, by_definition(q, k, v, groups), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+
+
+@given(modality_rows(), st.sampled_from([True, False]), st.integers(1, 3))
+def test_backends_agree_forward_and_backward(ids, grouped, heads):
+    groups = ids if grouped else None
+    q, k, v = random_qkv(ids, heads=heads, requires_grad=True)
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    reference, _ = sr.grouped_causal_attention(q, k, v, groups, backend="math")
+    reference_grads = torch.autograd.grad((reference * weight).sum(), (q, k, v))
+    for backend in TRAINABLE_CPU_BACKENDS + ["auto"]:
+        out, _ = sr.grouped_causal_attention(q, k, v, groups, backend=backend)
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5, msg=lambda m: f"{backend}: {m}")
+        grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+        for name, grad, ref in zip("qkv", grads, reference_grads):
+            torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{backend} d{name}: {m}")
+
+
+@given(modality_rows(max_len=40), st.integers(1, 4), st.data())
+def test_sigma_attention_matches_per_head_masks(ids, heads, data):
+    split = data.draw(st.integers(0, heads))
+    q, k, v = random_qkv(ids, heads=heads)
+    scores = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
+    masked = scores.masked_fill(~sr.sigma_mask(ids, heads, split), float("-inf"))
+    expected = masked.softmax(-1) @ v
+    for backend in ["math", "sdpa", "packed"]:
+        out, _ = sr.sigma_attention(q, k, v, ids, split, backend=backend)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=8)
+@given(modality_rows(max_batch=2, max_len=40), st.integers(0, 2))
+def test_flex_forward_matches_math(ids, split):
+    q, k, v = random_qkv(ids, heads=2, dim=16)
+    expected, _ = sr.sigma_attention(q, k, v, ids, split, backend="math")
+    with torch.no_grad():
+        out, _ = sr.sigma_attention(q, k, v, ids, split, backend="flex")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_refuses_backward_on_cpu_with_a_clear_message():
+    ids = sr.layout("T3 I5")[None]
+    q, k, v = random_qkv(ids, requires_grad=True)
+    with pytest.raises(ValueError, match="forward-only on CPU.*packed"):
+        sr.grouped_causal_attention(q, k, v, ids, backend="flex")
+
+
+# --- flash: the packing around flash-attn, run on CPU through a stand-in with flash-attn's contract --------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@given(ids=modality_rows(max_len=48), grouped=st.sampled_from([True, False]))
+@settings(max_examples=20)
+def test_flash_packing_with_stand_in(dtype, ids, grouped):
+    groups = ids if grouped else None
+    q, k, v = random_qkv(ids, heads=2, dim=8, dtype=dtype, requires_grad=True)
+    # Reference: the exact fp32 answer on the same (rounded) inputs; the stand-in computes in fp32 and rounds
+    # once at the end, so the only difference is one rounding to the half-precision output.
+    reference, _ = sr.grouped_causal_attention(q.float(), k.float(), v.float(), groups, backend="math")
+    with kernels.flash_implementation(kernels.reference_flash_functions()):
+        out, _ = sr.grouped_causal_attention(q, k, v, groups, backend="flash")
+        assert kernels.resolve_backend("auto", q, groups) == "flash"
+    assert out.dtype == dtype and out.shape == q.shape
+    tolerance = {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out.float(), reference, atol=tolerance, rtol=tolerance)
+    out.float().sum().backward()                      # gradients flow through the packing
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_segments_for_flash_varlen():
+    ids = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    seg = kernels.make_segments(ids)
+    # row 0: text at 0,3,4 ; image at 1,2 ; row 1: image only (its empty text segment is dropped)
+    assert seg.order.tolist() == [0, 3, 4, 1, 2, 5, 6, 7, 8, 9]
+    assert seg.cu_seqlens.tolist() == [0, 3, 5, 10]
+    assert seg.cu_seqlens.dtype == torch.int32 and seg.cu_seqlens.is_contiguous()
+    assert seg.max_len == 5 and isinstance(seg.max_len, int)
+    assert seg.rank.tolist() == [0, 0, 1, 1, 2, 0, 1, 2, 3, 4]
+
+
+def test_flash_errors_name_the_alternative():
+    ids = sr.layout("T2 I2")[None]
+    q, k, v = random_qkv(ids, dim=8)
+    if kernels.flash_functions() is None:
+        with pytest.raises(ValueError, match="flash-attn package.*not installed.*packed"):
+            sr.grouped_causal_attention(q, k, v, ids, backend="flash")
+    with kernels.flash_implementation(kernels.FlashFunctions(None, None, requires_cuda=True)):
+        with pytest.raises(ValueError, match="needs CUDA tensors.*cpu.*packed"):
+            sr.grouped_causal_attention(q, k, v, ids, backend="flash")
+    with kernels.flash_implementation(kernels.reference_flash_functions()):
+        with pytest.raises(ValueError, match="float16 and bfloat16 only, got torch.float32.*sdpa"):
+            sr.grouped_causal_attention(q, k, v, ids, backend="flash")
+        q12 = torch.randn(1, 2, 4, 12, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="multiple of 8, got 12"):
+            sr.grouped_causal_attention(q12, q12, q12, ids, backend="flash")
+        assert kernels.resolve_backend("auto", q, ids) in ("sdpa", "packed")    # fp32: auto avoids flash
+
+
+def test_stand_in_enforces_the_flash_contract():
+    fns = kernels.reference_flash_functions()
+    q = torch.randn(6, 2, 8, dtype=torch.bfloat16)
+    good = torch.tensor([0, 2, 6], dtype=torch.int32)
+    assert fns.varlen_func(q, q, q, good, good, 4, 4, causal=True).shape == q.shape
+    with pytest.raises(ValueError, match="int32"):
+        fns.varlen_func(q, q, q, good.long(), good, 4, 4, causal=True)
+    with pytest.raises(ValueError, match="Python int"):
+        fns.varlen_func(q, q, q, good, good, torch.tensor(4), 4, causal=True)
+    with pytest.raises(ValueError, match="longest segment"):
+        fns.varlen_func(q, q, q, good, good, 3, 3, causal=True)
+
+
+# --- the auto choice and input checks ------------------------------------------------------------------
+
+def test_auto_picks_by_measured_crossover():
+    short = torch.zeros(1, 1, kernels.PACKED_MIN_LENGTH - 1, 8)
+    long = torch.zeros(1, 1, kernels.PACKED_MIN_LENGTH, 8)
+    assert kernels.resolve_backend("auto", short, None) == "sdpa"
+    assert kernels.resolve_backend("auto", long, None) == "packed"
+    assert kernels.resolve_backend("auto", long, None, return_probs=True) == "math"
+
+
+def test_probs_only_from_math():
+    ids = sr.layout("T2 I2")[None]
+    q, k, v = random_qkv(ids)
+    with pytest.raises(ValueError, match="return_probs=True needs backend='math'"):
+        sr.grouped_causal_attention(q, k, v, ids, backend="packed", return_probs=True)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda q: dict(q=q[0]), "q must be a 4-D tensor"),
+    (lambda q: dict(k=q[:, :1]), "same shape"),
+    (lambda q: dict(group_ids=torch.zeros(1, 3, dtype=torch.long)), r"group_ids must have shape \[batch, seq\] = \[1, 4\]"),
+    (lambda q: dict(group_ids=torch.zeros(1, 4)), "group_ids must be an integer tensor"),
+    (lambda q: dict(backend="fast"), "backend must be one of"),
+])
+def test_kernel_input_errors(make, message):
+    q = torch.randn(1, 2, 4, 8)
+    args = dict(q=q, k=q, v=q, group_ids=torch.zeros(1, 4, dtype=torch.long), backend="math")
+    args.update(make(q))
+    with pytest.raises(ValueError, match=message):
+        sr.grouped_causal_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)

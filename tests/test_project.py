@@ -1,0 +1,55 @@
+"""The project's own files agree with each other: environment.yml, pyproject.toml, README, CI."""
+
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def requirement_name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_yml_names_the_same_dependencies_as_pyproject():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    assert env["name"] and "pip" in env["dependencies"]
+    assert any(str(dep).startswith("python=3.11") for dep in env["dependencies"] if isinstance(dep, str))
+    pip_section = next(dep["pip"] for dep in env["dependencies"] if isinstance(dep, dict))
+    assert "torch==2.13.0" in pip_section, "the conda env must pin the CPU wheel, as CI does"
+    assert "-e .[dev]" in pip_section
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {requirement_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    named = {requirement_name(r) for r in pip_section if not r.startswith("-e")}
+    assert wanted == named, f"only in pyproject: {wanted - named}; only in environment.yml: {named - wanted}"
+
+
+def test_gpu_extra_is_flash_attn_only():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert [requirement_name(r) for r in project["optional-dependencies"]["gpu"]] == ["flash-attn"]
+
+
+def readme_command(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- {marker} -->\s*```bash\n(.+?)\n```", text)
+    assert match, f"README.md has no <!-- {marker} --> block"
+    return match.group(1).strip()
+
+
+def test_readme_gives_the_two_commands_and_ci_runs_the_test_one():
+    assert readme_command("start-command") == "bash course.sh start"
+    assert readme_command("test-command") == "bash course.sh test"
+    ci = (ROOT / ".ci" / "run").read_text()
+    extracted = subprocess.run(
+        ["bash", "-c", re.search(r"test_command=\$\((.+)\)\n", ci).group(1)],
+        cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    assert extracted == readme_command("test-command")
+
+
+def test_ci_installs_the_cpu_torch_and_keeps_an_installed_one():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'import torch' in ci and "torch==2.13.0" in ci
+    assert "chromium" in ci

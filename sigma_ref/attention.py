@@ -137,8 +137,25 @@ class AttentionDetails:
     attn_probs: torch.Tensor | None
 
 
+class KVCache:
+    """One layer's keys, values and modality ids so far ([B, H, S, d], [B, H, S, d], [B, S]); starts empty."""
+
+    def __init__(self):
+        self.k = self.v = self.modality_ids = None
+
+    def append(self, k, v, modality_ids):
+        if self.k is None:
+            self.k, self.v, self.modality_ids = k, v, modality_ids
+        else:
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+            self.modality_ids = torch.cat([self.modality_ids, modality_ids], dim=1)
+
+
 class _Attention(nn.Module):
     """The shared skeleton: q/k/v/o projections, input checks, the kernel call."""
+
+    num_intra_heads = 0          # standard and gated attention: every head is global
 
     def __init__(self, config: AttentionConfig):
         super().__init__()
@@ -150,8 +167,6 @@ class _Attention(nn.Module):
         self.k_proj = nn.Linear(D, D, bias=False)
         self.v_proj = nn.Linear(D, D, bias=False)
         self.o_proj = nn.Linear(D, D, bias=False)
-
-    num_intra_heads = 0          # standard and gated attention: every head is global
 
     def _inputs(self, x, modality_ids):
         """Check x and modality_ids; return modality_ids as a long tensor of shape [B, S]."""
@@ -174,12 +189,23 @@ class _Attention(nn.Module):
         H, d = self.config.num_heads, self.config.head_dim
         return [proj(x).view(B, S, H, d).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)]
 
-    def _attend(self, x, ids, return_details):
-        """Per-head attention output, heads concatenated: [B, S, D], and the probabilities if asked for."""
+    def _attend(self, x, ids, return_details, cache):
+        """Per-head attention output, heads concatenated: [B, S, D], and the probabilities if asked for.
+
+        With a `KVCache`, x holds only the NEW positions: their keys and values are appended to the cache and
+        they attend over everything cached (the same masks, so the intra stream stays pure while decoding).
+        """
         q, k, v = self._heads(x)
         want_probs = return_details and self.config.backend == "math"
-        out, probs = kernels.sigma_attention(q, k, v, ids, self.num_intra_heads, backend=self.config.backend,
-                                             return_probs=want_probs)
+        if cache is not None and cache.k is not None:
+            cache.append(k, v, ids)
+            out = kernels.sigma_attention_with_past(q, cache.k, cache.v, cache.modality_ids, self.num_intra_heads)
+            probs = None
+        else:
+            if cache is not None:
+                cache.append(k, v, ids)
+            out, probs = kernels.sigma_attention(q, k, v, ids, self.num_intra_heads, backend=self.config.backend,
+                                                 return_probs=want_probs)
         B, H, S, d = out.shape
         return out.transpose(1, 2).reshape(B, S, H * d), probs
 
@@ -197,9 +223,9 @@ class StandardAttention(_Attention):
     the result: every head sees every earlier token.
     """
 
-    def forward(self, x, modality_ids, return_details: bool = False):
+    def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None):
         ids = self._inputs(x, modality_ids)
-        o, probs = self._attend(x, ids, return_details)                   # [B, S, D]
+        o, probs = self._attend(x, ids, return_details, cache)                   # [B, S, D]
         return self._finish(o, o[..., :0], o, None, None, probs, return_details)
 
 
@@ -216,9 +242,9 @@ class GatedAttention(_Attention):
         gate_width = config.num_heads if config.headwise_gate else config.hidden_size
         self.gate_proj = nn.Linear(config.hidden_size, gate_width, bias=False)
 
-    def forward(self, x, modality_ids, return_details: bool = False):
+    def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None):
         ids = self._inputs(x, modality_ids)
-        o, probs = self._attend(x, ids, return_details)                   # [B, S, D]
+        o, probs = self._attend(x, ids, return_details, cache)                   # [B, S, D]
         gate = torch.sigmoid(self.gate_proj(x))                           # [B, S, D] or [B, S, H]
         if self.config.headwise_gate:
             B, S, H = gate.shape
@@ -245,7 +271,9 @@ class SigmaAttention(_Attention):
         super().__init__(config)
         self.num_intra_heads = config.num_intra_heads
         D, widths = config.hidden_size, (config.intra_dim, config.global_dim)
-        make_gate = lambda width: nn.Linear(D, width, bias=False) if (config.use_gates and width) else None
+        def make_gate(width):
+            return nn.Linear(D, width, bias=False) if (config.use_gates and width) else None
+
         self.gate_intra_proj = make_gate(widths[INTRA])
         self.gate_global_proj = make_gate(widths[GLOBAL])
         if config.use_gates and config.use_stream_bias:
@@ -269,9 +297,9 @@ class SigmaAttention(_Attention):
             logits = logits + self.stream_bias_for(stream, modality_ids)
         return torch.sigmoid(logits)
 
-    def forward(self, x, modality_ids, return_details: bool = False):
+    def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None):
         ids = self._inputs(x, modality_ids)
-        o, probs = self._attend(x, ids, return_details)                   # [B, S, D], intra heads first
+        o, probs = self._attend(x, ids, return_details, cache)                   # [B, S, D], intra heads first
         o_intra, o_global = o.split([self.config.intra_dim, self.config.global_dim], dim=-1)
         g_intra, g_global = self.gate(INTRA, x, ids), self.gate(GLOBAL, x, ids)
         gated = torch.cat([o_intra if g_intra is None else o_intra * g_intra,
@@ -290,4 +318,4 @@ def make_attention(kind: str, config: AttentionConfig) -> _Attention:
 
 
 __all__ = ["AttentionConfig", "AttentionDetails", "StandardAttention", "GatedAttention", "SigmaAttention",
-           "make_attention", "ATTENTIONS", "DEFAULT_BIAS_INIT", "INTRA", "GLOBAL", "STREAM_NAMES", "TEXT", "IMAGE"]
+           "make_attention", "ATTENTIONS", "KVCache", "DEFAULT_BIAS_INIT", "INTRA", "GLOBAL", "STREAM_NAMES", "TEXT", "IMAGE"]

@@ -47,9 +47,9 @@ BACKENDS = ("auto", "math", "sdpa", "packed", "flex", "flash")
 
 # Sequences at least this long take the `packed` path under backend="auto" on CPU; shorter ones the dense
 # `sdpa` path. Measured with `python -m sigma_ref bench --crossover` on the 2-core CPU machine this course is
-# built on (fp32, H=8, head_dim 64, half image, forward+backward): packed/sdpa was 1.17 at N=128,
-# 0.98 at N=256, 0.88 at N=512. See README.md, "Choosing a backend".
-PACKED_MIN_LENGTH = 256
+# built on (fp32, B=1, H=8, head_dim 64, half image, forward+backward): packed / sdpa was 1.45 at N=128,
+# 1.22 at N=256, 0.91 at N=384 and 0.80 at N=512 (README.md, "Choosing a backend").
+PACKED_MIN_LENGTH = 384
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -114,17 +114,36 @@ def sigma_attention(
     if resolved == "flex":
         # One FlexAttention call for all heads: the BlockMask knows which heads are intra.
         return _flex(q, k, v, _flex_block_mask(modality_ids, num_intra_heads, q)), None
-    split = num_intra_heads
+    # split (not q[:, a:b]): its backward is one cat, where slicing would allocate a zero gradient of full
+    # size per slice. Outputs are joined along the head axis of the [B, S, H, d] layout the modules use, so
+    # the module's final reshape to [B, S, H * d] is free.
+    sizes = [num_intra_heads, num_heads - num_intra_heads]
     outs, probs = [], []
-    for heads, groups in ((slice(0, split), modality_ids), (slice(split, num_heads), None)):
-        if heads.stop - heads.start == 0:
+    for q_s, k_s, v_s, groups in zip(q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), (modality_ids, None)):
+        if q_s.shape[1] == 0:
             continue
-        out, p = grouped_causal_attention(q[:, heads], k[:, heads], v[:, heads], groups,
-                                          backend=resolved, return_probs=return_probs)
-        outs.append(out)
+        out, p = grouped_causal_attention(q_s, k_s, v_s, groups, backend=resolved, return_probs=return_probs)
+        outs.append(out.transpose(1, 2))                                  # [B, S, H_stream, d]
         probs.append(p)
     probs_out = torch.cat(probs, dim=1) if return_probs else None
-    return torch.cat(outs, dim=1), probs_out
+    return torch.cat(outs, dim=2).transpose(1, 2), probs_out          # [B, H, S, d] (a view)
+
+
+def sigma_attention_with_past(q, k, v, modality_ids, num_intra_heads):
+    """SIGMA attention for the LAST T positions of a sequence whose keys are all known (KV-cache decoding).
+
+    q: [B, H, T, d] for positions S-T .. S-1; k, v: [B, H, S, d]; modality_ids: [B, S] for all S positions.
+    The same masks as `sigma_attention` (intra heads: same modality and causal; global: causal), aligned to
+    the bottom-right: query t sits at position S-T+t. Dense-mask SDPA: T is small when decoding.
+    """
+    batch, heads, num_queries, _ = q.shape
+    seq_len = k.shape[2]
+    query_pos = torch.arange(seq_len - num_queries, seq_len, device=q.device)
+    causal = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]          # [T, S]
+    same = modality_ids[:, -num_queries:, None] == modality_ids[:, None, :]                  # [B, T, S]
+    is_intra = (torch.arange(heads, device=q.device) < num_intra_heads)[None, :, None, None]
+    mask = causal & torch.where(is_intra, same[:, None], torch.ones_like(same[:, None]))  # [B, H, T, S]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def resolve_backend(backend: str, q: torch.Tensor, group_ids: torch.Tensor | None, *, return_probs: bool = False) -> str:
@@ -223,20 +242,23 @@ def _packed(q, k, v, group_ids):
     batch, heads, seq_len, dim = q.shape
     seg = make_segments(group_ids)
     num_segments = seg.lengths.numel()
-    # Where in the padded [num_segments, max_len] grid each token lands, and which token fills each slot.
-    slot = seg.segment * seg.max_len + seg.rank                           # [N]
+    # Which token fills each slot of the padded [num_segments, max_len] grid, as (row, position) pairs.
+    # Padding slots hold token (0, 0): harmless, because padding sits at the END of its segment and causal
+    # attention never lets a real query see a key to its right. Padding rows' outputs are never read.
+    slot = seg.segment * seg.max_len + seg.rank                           # [N] each token's slot
     source = torch.zeros(num_segments * seg.max_len, dtype=torch.long, device=q.device)
     source[slot] = torch.arange(slot.numel(), device=q.device)
-    # Padding slots hold token 0: harmless, because padding sits at the END of its segment and causal
-    # attention never lets a real query see a key to its right. Padding rows' outputs are discarded.
+    source_row = (source // seq_len).view(num_segments, seg.max_len)
+    source_pos = (source % seq_len).view(num_segments, seg.max_len)
 
     def pack(t):                                                          # [B, H, S, d] -> [seg, H, L, d]
-        flat = t.transpose(1, 2).reshape(batch * seq_len, heads, dim)     # [N, H, d]
-        return flat[source].view(num_segments, seg.max_len, heads, dim).transpose(1, 2)
+        # One advanced-indexing gather straight from the strided input: t[rows, :, positions] has shape
+        # [seg, L, H, d] (indexed dims first), and the transpose is a view.
+        return t[source_row, :, source_pos].transpose(1, 2)
 
     out = F.scaled_dot_product_attention(pack(q), pack(k), pack(v), is_causal=True)   # [seg, H, L, d]
-    out = out.transpose(1, 2).reshape(num_segments * seg.max_len, heads, dim)[slot]  # [N, H, d]
-    return out.view(batch, seq_len, heads, dim).transpose(1, 2)
+    segment, rank = seg.segment.view(batch, seq_len), seg.rank.view(batch, seq_len)
+    return out.transpose(1, 2)[segment, rank].transpose(1, 2)           # [B, S, H, d] -> [B, H, S, d]
 
 
 # ---------------------------------------------------------------------------------------------------

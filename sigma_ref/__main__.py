@@ -1,0 +1,100 @@
+"""Command line: python -m sigma_ref {train,compare,bench,data,demo} ... (each has --help)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _bench(args) -> None:
+    from . import bench
+
+    results = bench.run(sizes=args.sizes, repeats=args.repeats, memory=not args.no_memory,
+                        crossover=args.crossover, train_step=args.train_step)
+    if args.out:
+        bench.save(results, args.out)
+        print(f"wrote {args.out}")
+
+
+def _train(args) -> None:
+    from . import train
+
+    metrics = train.train_and_evaluate(args.attention, args.preset, args.seed, args.out, backend=args.backend,
+                                       resume=args.resume)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "loss_curve"}, indent=2))
+
+
+def _compare(args) -> None:
+    from . import train
+
+    train.compare(args.preset, args.seeds, args.out, attentions=args.attentions, backend=args.backend)
+
+
+def _data(args) -> None:
+    from . import data
+
+    directory = args.dir or data.DATA_DIR
+    if args.regenerate:
+        data.write_splits(directory)
+        print(f"regenerated the evaluation splits in {directory}")
+    problems = data.check_splits(directory)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        sys.exit(1)
+    print(f"{directory}: every split matches the data card")
+
+
+def _demo(args) -> None:
+    from . import kernels, masks
+
+    {"masks": masks._demo, "kernels": kernels._demo}[args.what]()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sigma_ref", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("bench", help="attention and training-step benchmarks (tables of medians and ratios)")
+    p.add_argument("--out", help="also write the tables as JSON to this file")
+    p.add_argument("--sizes", type=int, nargs="*", default=[512, 2048, 4096, 8192],
+                   help="sequence lengths of the timing and memory tables (none: skip them)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per median")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
+    p.add_argument("--crossover", action="store_true", help="add the packed-vs-sdpa crossover table")
+    p.add_argument("--train-step", action="store_true", help="add the tiny-model training-step table")
+    p.set_defaults(run=_bench)
+
+    p = commands.add_parser("train", help="train one tiny MLLM and write DIR/metrics.json")
+    p.add_argument("--attention", choices=["standard", "gated", "sigma"], required=True)
+    p.add_argument("--preset", choices=["ci", "cpu", "gpu"], default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--backend", default="auto", help="attention kernel (default: auto)")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt if present")
+    p.set_defaults(run=_train)
+
+    p = commands.add_parser("compare", help="train standard, gated and SIGMA for several seeds; table and figures")
+    p.add_argument("--preset", choices=["ci", "cpu", "gpu"], default="cpu")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. N-1)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--attentions", nargs="+", default=["standard", "gated", "sigma"])
+    p.add_argument("--backend", default="auto")
+    p.set_defaults(run=_compare)
+
+    p = commands.add_parser("data", help="check (or regenerate) the shipped evaluation splits")
+    p.add_argument("--check", action="store_true", help="verify every file against the data card (default)")
+    p.add_argument("--regenerate", action="store_true", help="rewrite the splits and the data card")
+    p.add_argument("--dir", default=None, help="data directory (default: the repository's data/)")
+    p.set_defaults(run=_data)
+
+    p = commands.add_parser("demo", help="print a module's own small demo")
+    p.add_argument("what", choices=["masks", "kernels"])
+    p.set_defaults(run=_demo)
+
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

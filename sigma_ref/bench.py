@@ -1,0 +1,282 @@
+"""Benchmarks: is SIGMA's attention cheaper than standard causal attention? Measured, not assumed.
+
+Why it can be: SIGMA's intra heads attend only within a modality. With half the tokens image, each intra
+head sees two causal sequences of N/2 instead of one of N: half the work. Half the heads are intra, so the
+FLOP floor is 0.75x standard causal attention. A kernel only gets there if it SKIPS the cross-modal blocks:
+a dense boolean mask makes SDPA compute every block and then throw the masked ones away (ratio > 1), while
+the `packed` kernel gathers each modality into its own segment and never computes them.
+
+    python -m sigma_ref bench [--out FILE.json] [--sizes 512 2048 4096 8192] [--repeats 5]
+    python -m sigma_ref bench --crossover      # packed vs dense sdpa at short lengths (sets "auto")
+    python -m sigma_ref bench --train-step     # the tiny model's training step, SIGMA vs standard
+
+Every ratio is a median measured in the same run as its reference, on the same inputs: this machine is
+shared and noisy, and only side-by-side ratios are meaningful. Memory is the peak growth of the process's
+resident memory while one forward+backward runs, each case in a fresh subprocess (CPU), or
+torch.cuda.max_memory_allocated (CUDA); inputs, outputs and gradients are included, for every row alike.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import kernels
+from .attention import AttentionConfig, make_attention
+from .masks import layout
+
+BENCH_HEADS, BENCH_HEAD_DIM = 8, 64
+DEFAULT_SIZES = (512, 2048, 4096, 8192)
+
+
+def half_image_layout(n: int) -> torch.Tensor:
+    """Prompt text, an image block, caption text: "T n/4  I n/2  T n/4" (half the tokens image)."""
+    quarter = n // 4
+    return layout(f"T{quarter} I{n - 2 * quarter} T{quarter}")
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1, sync=lambda: None) -> float:
+    """Median wall time of fn() over `repeats` runs after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What is measured: each case is a function (n, device, dtype) -> a zero-argument callable to time.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _qkv(n, device, dtype, requires_grad):
+    g = torch.Generator().manual_seed(0)
+    # Made as [B, S, H, d] and viewed as [B, H, S, d], exactly as the attention modules produce them.
+    return [torch.randn(1, n, BENCH_HEADS, BENCH_HEAD_DIM, generator=g).to(device, dtype).transpose(1, 2)
+            .requires_grad_(requires_grad) for _ in range(3)]
+
+
+def kernel_case(name: str, n: int, device, dtype, backward: bool):
+    """A callable running one kernel on B=1, H=8, d=64, half image; `name` picks the kernel."""
+    q, k, v = _qkv(n, device, dtype, backward)
+    ids = half_image_layout(n)[None].to(device)
+    if name == "standard causal SDPA":
+        run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif name == "flash causal (all heads)":
+        fns = kernels.flash_functions()
+        run = lambda: fns.func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    else:
+        backend = name.split()[1]                    # "SIGMA packed" -> "packed"
+        run = lambda: kernels.sigma_attention(q, k, v, ids, BENCH_HEADS // 2, backend=backend)[0]
+    if not backward:
+        def forward():
+            with torch.no_grad():
+                run()
+        return forward
+    grad = torch.randn(1, BENCH_HEADS, n, BENCH_HEAD_DIM, device=device, dtype=dtype)
+
+    def forward_backward():
+        out = run()
+        out = out.transpose(1, 2) if out.shape[1] != BENCH_HEADS else out
+        torch.autograd.grad(out, (q, k, v), grad.transpose(1, 2) if out.shape[1] != BENCH_HEADS else grad)
+    return forward_backward
+
+
+def module_case(kind: str, n: int, device, dtype, backward: bool):
+    """A callable running a full attention module (projections and gates included), D = 8 * 64 = 512."""
+    torch.manual_seed(0)
+    config = AttentionConfig(hidden_size=BENCH_HEADS * BENCH_HEAD_DIM, num_heads=BENCH_HEADS, backend="auto")
+    module = make_attention(kind, config).to(device, dtype)
+    x = torch.randn(1, n, config.hidden_size, device=device, dtype=dtype, requires_grad=backward)
+    ids = half_image_layout(n).to(device)
+    if not backward:
+        def forward():
+            with torch.no_grad():
+                module(x, ids)
+        return forward
+    return lambda: module(x, ids).sum().backward()
+
+
+REFERENCE = {"kernel": "standard causal SDPA", "flash": "flash causal (all heads)",
+             "module": "StandardAttention module"}
+
+
+def reference_for(name: str) -> str:
+    """What a row's ratio divides by: like with like, measured in the same run."""
+    if name.endswith("module"):
+        return REFERENCE["module"]
+    return REFERENCE["flash"] if name == "SIGMA flash" else REFERENCE["kernel"]
+
+
+def available_kernels(device, dtype) -> list[str]:
+    names = ["standard causal SDPA", "SIGMA sdpa (dense mask)", "SIGMA packed", "SIGMA flex"]
+    probe = torch.zeros(1, 1, 1, BENCH_HEAD_DIM, device=device, dtype=dtype)
+    if kernels.flash_available(probe):
+        names += ["flash causal (all heads)", "SIGMA flash"]
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else ("-" if v is None else str(v))
+        lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |",
+                 "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+
+def timing_table(sizes, device, dtype, repeats, progress=True) -> Table:
+    """Median ms and ratio to standard causal SDPA, forward and forward+backward, kernels then modules."""
+    from tqdm.auto import tqdm
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    names = available_kernels(device, dtype)
+    modules = ["StandardAttention module", "GatedAttention module", "SigmaAttention module"]
+    table = Table(f"Attention time, {device.type} {str(dtype).replace('torch.', '')}, B=1 H=8 d=64, half image "
+                  "(median ms; ratio in the same run to: standard causal SDPA for kernels, flash causal for "
+                  "SIGMA flash, the StandardAttention module for modules)",
+                  ["N", "what", "fwd ms", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio"])
+    jobs = [(n, name) for n in sizes for name in names + modules]      # references come first in each group
+    reference = {}
+    for n, name in tqdm(jobs, desc=f"bench {device.type}", disable=not progress):
+        row = [n, name]
+        for backward in (False, True):
+            if name == "SIGMA flex" and backward and device.type == "cpu":
+                row += [None, None]                      # FlexAttention has no backward on CPU
+                continue
+            make = module_case if name in modules else kernel_case
+            what = name.split()[0].lower().replace("attention", "") if name in modules else name
+            seconds = median_seconds(make(what, n, device, dtype, backward), repeats, sync=sync)
+            if name in REFERENCE.values():
+                reference[(name, n, backward)] = seconds
+            row += [seconds * 1e3, seconds / reference[(reference_for(name), n, backward)]]
+        table.rows.append(row)
+    return table
+
+
+_MEMORY_SCRIPT = """
+import torch
+torch.set_num_threads({threads})
+from sigma_ref import bench
+def status_kib(field):  # a field of /proc/self/status, in KiB
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+fn = bench.{maker}({what!r}, {n}, torch.device("cpu"), torch.float32, True)   # inputs are allocated here...
+del fn
+before = status_kib("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:   # reset the peak (VmHWM) to the current resident size
+    f.write("5")
+fn = bench.{maker}({what!r}, {n}, torch.device("cpu"), torch.float32, True)   # ...and again, counted
+fn()
+print((status_kib("VmHWM") - before) * 1024)
+"""
+
+
+def peak_memory_bytes(maker: str, what: str, n: int, device) -> int:
+    """Peak memory of one forward+backward (inputs, outputs and gradients included)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        getattr(sys.modules[__name__], maker)(what, n, device, torch.bfloat16, True)()
+        return torch.cuda.max_memory_allocated() - base
+    script = _MEMORY_SCRIPT.format(threads=torch.get_num_threads(), maker=maker, what=what, n=n)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def memory_table(sizes, device, progress=True) -> Table:
+    from tqdm.auto import tqdm
+
+    cases = [("kernel_case", "standard causal SDPA"), ("kernel_case", "SIGMA sdpa (dense mask)"),
+             ("kernel_case", "SIGMA packed"), ("module_case", "standard"), ("module_case", "sigma")]
+    if device.type == "cuda" and "SIGMA flash" in available_kernels(device, torch.bfloat16):
+        cases.insert(3, ("kernel_case", "SIGMA flash"))
+    table = Table(f"Peak memory of one forward+backward, {device.type} (MiB; ratio to standard causal SDPA for "
+                  "kernels, to the StandardAttention module for modules)", ["N", "what", "peak MiB", "ratio"])
+    for n in tqdm(sizes, desc="memory", disable=not progress):
+        measured = {}
+        for maker, what in cases:
+            label = what if maker == "kernel_case" else f"{what.capitalize()}Attention module"
+            measured[label] = peak_memory_bytes(maker, what, n, device)
+            table.rows.append([n, label, measured[label] / 2**20, measured[label] / measured[reference_for(label)]])
+    return table
+
+
+def crossover_table(sizes=(64, 128, 256, 384, 512, 1024), repeats=20, progress=True) -> Table:
+    """packed vs dense-mask sdpa for the intra heads at short lengths: where does packing start to pay?"""
+    from tqdm.auto import tqdm
+
+    table = Table("Crossover: SIGMA packed vs SIGMA dense-mask sdpa, fwd+bwd, CPU fp32 (median ms)",
+                  ["N", "sdpa ms", "packed ms", "packed / sdpa"])
+    device = torch.device("cpu")
+    for n in tqdm(sizes, desc="crossover", disable=not progress):
+        dense = median_seconds(kernel_case("SIGMA sdpa", n, device, torch.float32, True), repeats, warmup=3)
+        packed = median_seconds(kernel_case("SIGMA packed", n, device, torch.float32, True), repeats, warmup=3)
+        table.rows.append([n, dense * 1e3, packed * 1e3, packed / dense])
+    return table
+
+
+def machine_description() -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run(sizes=DEFAULT_SIZES, repeats=5, memory=True, crossover=False, train_step=False, progress=True) -> dict:
+    """Run the benchmark tables and return them with the machine description; print as they finish."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tables = []
+
+    def add(table):
+        tables.append(table)
+        print(table.markdown() + "\n", flush=True)
+
+    print(f"machine: {machine_description()}\n")
+    if crossover:
+        add(crossover_table(progress=progress))
+    if train_step:
+        from .train import training_step_table
+        add(training_step_table(progress=progress))
+    if sizes:
+        add(timing_table(sizes, device, torch.float32, repeats, progress))
+        if device.type == "cuda":
+            add(timing_table(list(sizes) + [16384], device, torch.bfloat16, repeats, progress))
+        if memory:
+            add(memory_table(sizes, device, progress))
+    return {"machine": machine_description(),
+            "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows} for t in tables]}
+
+
+def save(results: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)

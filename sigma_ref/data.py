@@ -1,0 +1,325 @@
+"""A toy captioning set whose captions cannot be written without looking at the image.
+
+SCENES. A 32x32 RGB image holds one or two objects. Each object has a colour (6), a shape (4) and a size
+(2); two objects stand in a spatial relation (left of, right of, above, below), placed so the relation is
+unambiguous. The caption names everything: "a small red circle left of a large blue square".
+
+TWO TASKS, mixed in training:
+    describe   prompt "describe", 16 image patches, "<answer>", caption, "<eos>"
+    expand     prompt "expand" + a terse attribute list in another order ("circle red small above square blue
+               large"), "<answer>", the full caption. Text only: it needs within-text modelling, which is what
+               the seed says image tokens dilute. The dilution experiment inserts 16 or 64 blank or noise
+               image tokens between the list and "<answer>" and measures the accuracy again.
+
+SPLITS. Training samples are drawn on the fly from seeds >= TRAIN_SEED_BASE. The evaluation splits are fixed
+and shipped in data/ as JSON lines of scenes (images are rendered from the scene, deterministically):
+test, validation, compositional (every sample holds a colour-shape pair that training never shows) and
+text_only. data/CARD.md lists their sizes and sha256 sums; `python -m sigma_ref data --check` verifies them
+and `--regenerate` rewrites them.
+
+POSITIONS. Text tokens are numbered among text tokens only and patches by their (row, column) in the image,
+so inserting image tokens does not shift any text position: the dilution experiment measures attention,
+not a change of positional encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .masks import IMAGE, TEXT
+
+IMAGE_SIZE, PATCH_SIZE = 32, 8
+GRID = IMAGE_SIZE // PATCH_SIZE                      # 4 x 4 = 16 patches
+NUM_PATCHES = GRID * GRID
+PATCH_DIM = PATCH_SIZE * PATCH_SIZE * 3
+
+COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 0.95),
+           "yellow": (0.95, 0.9, 0.1), "purple": (0.6, 0.15, 0.8), "cyan": (0.1, 0.85, 0.9)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = {"small": 3, "large": 6}                      # radius in pixels
+RELATIONS = ("left of", "right of", "above", "below")
+# Colour-shape pairs never shown in training (images or text): the compositional split is made of them.
+HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "diamond"), ("yellow", "square")})
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<answer>", "<image>", "describe", "expand")
+WORDS = ("a", "of", "left", "right", "above", "below") + tuple(SIZES) + tuple(COLOURS) + SHAPES
+VOCAB = SPECIAL_TOKENS + WORDS
+TOKEN_ID = {token: i for i, token in enumerate(VOCAB)}
+PAD, EOS, ANSWER, IMAGE_TOKEN = (TOKEN_ID[t] for t in ("<pad>", "<eos>", "<answer>", "<image>"))
+IGNORE = -100                                          # target value that the loss skips
+
+SPLITS = {"test": (500, 1), "validation": (300, 2), "compositional": (300, 3), "text_only": (300, 4)}
+TRAIN_SEED_BASE = 1_000_000
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scenes and captions
+# ---------------------------------------------------------------------------------------------------
+
+
+def sample_object(rng: random.Random, held_out: bool | None) -> dict:
+    """An object's attributes. held_out: True = a held-out colour-shape pair, False = never one, None = any."""
+    while True:
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        if held_out is None or ((colour, shape) in HELD_OUT_PAIRS) == held_out:
+            return {"colour": colour, "shape": shape, "size": rng.choice(list(SIZES))}
+
+
+def sample_scene(rng: random.Random, task: str = "describe", compositional: bool = False) -> dict:
+    """A scene: objects with positions, a relation (two objects), and which task it is for."""
+    count = 1 if rng.random() < 1 / 3 else 2
+    if compositional:        # at least one held-out pair, the other object anything
+        objects = [sample_object(rng, True)] + [sample_object(rng, None) for _ in range(count - 1)]
+        rng.shuffle(objects)
+    else:
+        objects = [sample_object(rng, False) for _ in range(count)]
+    scene = {"task": task, "objects": objects, "relation": None}
+    if count == 2:
+        scene["relation"] = rng.choice(RELATIONS)
+    place(rng, scene)
+    return scene
+
+
+def place(rng: random.Random, scene: dict) -> None:
+    """Give each object a centre so that the relation (if any) is the only one that reads off the image."""
+    objects, relation = scene["objects"], scene["relation"]
+    for obj in objects:
+        r = SIZES[obj["size"]]
+        obj["x"], obj["y"] = rng.randint(r, IMAGE_SIZE - 1 - r), rng.randint(r, IMAGE_SIZE - 1 - r)
+    if relation is None:
+        return
+    first, second = objects
+    r1, r2 = SIZES[first["size"]], SIZES[second["size"]]
+    half = IMAGE_SIZE // 2
+    # One object per half along the relation's axis; the other coordinate in a narrow middle band, so the
+    # distance along the relation's axis always exceeds the distance across it.
+    low = lambda r: rng.randint(r, half - 1 - r)
+    high = lambda r: rng.randint(half + r, IMAGE_SIZE - 1 - r)
+    band = lambda: rng.randint(half - 3, half + 2)
+    if relation in ("left of", "right of"):
+        first["x"], second["x"] = (low(r1), high(r2)) if relation == "left of" else (high(r1), low(r2))
+        first["y"], second["y"] = band(), band()
+    else:
+        first["y"], second["y"] = (low(r1), high(r2)) if relation == "above" else (high(r1), low(r2))
+        first["x"], second["x"] = band(), band()
+
+
+def caption_words(scene: dict) -> list[str]:
+    """The full caption: "a small red circle left of a large blue square"."""
+    words = []
+    for i, obj in enumerate(scene["objects"]):
+        if i == 1:
+            words += scene["relation"].split()
+        words += ["a", obj["size"], obj["colour"], obj["shape"]]
+    return words
+
+
+def terse_words(scene: dict) -> list[str]:
+    """The expand task's prompt: shape colour size per object, relation without "of"."""
+    words = []
+    for i, obj in enumerate(scene["objects"]):
+        if i == 1:
+            words.append(scene["relation"].split()[0])
+        words += [obj["shape"], obj["colour"], obj["size"]]
+    return words
+
+
+def caption_slots(words: list[str]) -> dict[str, str | None]:
+    """Parse a caption into slots (size/colour/shape of each object, relation); None where it does not parse."""
+    slots = dict.fromkeys(["size_1", "colour_1", "shape_1", "relation", "size_2", "colour_2", "shape_2"])
+    text = " ".join(words)
+    pattern = r"a (\w+) (\w+) (\w+)(?: (left of|right of|above|below) a (\w+) (\w+) (\w+))?"
+    match = re.fullmatch(pattern, text)
+    if match:
+        for key, value in zip(slots, match.groups()):
+            slots[key] = value
+    return slots
+
+
+def render(scene: dict) -> torch.Tensor:
+    """The image of a scene: FloatTensor [3, 32, 32] in [0, 1], black background."""
+    image = torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE)
+    ys, xs = torch.meshgrid(torch.arange(IMAGE_SIZE), torch.arange(IMAGE_SIZE), indexing="ij")
+    for obj in scene["objects"]:
+        dx, dy, r = (xs - obj["x"]).float(), (ys - obj["y"]).float(), SIZES[obj["size"]]
+        inside = {"circle": dx ** 2 + dy ** 2 <= r * r + 0.5,
+                  "square": (dx.abs() <= r - 0.5) & (dy.abs() <= r - 0.5),
+                  "diamond": dx.abs() + dy.abs() <= r,
+                  "triangle": (dy <= r) & (dy >= -r) & (2 * dx.abs() <= dy + r)}[obj["shape"]]
+        image[:, inside] = torch.tensor(COLOURS[obj["colour"]])[:, None]
+    return image
+
+
+def patchify(image: torch.Tensor) -> torch.Tensor:
+    """[3, 32, 32] -> [16, 192]: 8x8 patches in row-major order, each flattened."""
+    patches = image.unfold(1, PATCH_SIZE, PATCH_SIZE).unfold(2, PATCH_SIZE, PATCH_SIZE)   # [3, 4, 4, 8, 8]
+    return patches.permute(1, 2, 0, 3, 4).reshape(NUM_PATCHES, PATCH_DIM)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sequences and batches
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One sequence, ready to batch. All lists have the sequence's length."""
+
+    tokens: list[int]          # token ids; image positions hold <image>
+    modality: list[int]        # TEXT or IMAGE
+    patch_index: list[int]     # image positions: which patch (0..15, row-major); text: 0
+    patches: torch.Tensor      # [num image tokens, 192]
+    answer_start: int          # index of the first caption token (right after <answer>)
+    caption: list[str]
+
+
+def encode(scene: dict, inserted_image_tokens: int = 0, inserted_kind: str = "blank",
+           generator: torch.Generator | None = None) -> Example:
+    """Turn a scene into a sequence. `inserted_image_tokens` (expand task only): blank or noise image tokens
+    put between the attribute list and <answer>, for the dilution experiment."""
+    caption = caption_words(scene)
+    if scene["task"] == "describe":
+        prompt = ["describe"]
+        patches = patchify(render(scene))
+    else:
+        prompt = ["expand"] + terse_words(scene)
+        if inserted_kind not in ("blank", "noise"):
+            raise ValueError(f"inserted_kind must be 'blank' or 'noise', got {inserted_kind!r}")
+        if inserted_kind == "blank":
+            patches = torch.zeros(inserted_image_tokens, PATCH_DIM)
+        else:
+            patches = torch.rand(inserted_image_tokens, PATCH_DIM, generator=generator)
+    n_image = patches.shape[0]
+    tokens = [TOKEN_ID[w] for w in prompt] + [IMAGE_TOKEN] * n_image + [ANSWER]
+    answer_start = len(tokens)
+    tokens += [TOKEN_ID[w] for w in caption] + [EOS]
+    modality = [TEXT] * len(prompt) + [IMAGE] * n_image + [TEXT] * (len(tokens) - len(prompt) - n_image)
+    patch_index = [0] * len(prompt) + [i % NUM_PATCHES for i in range(n_image)] + [0] * (len(tokens) - len(prompt) - n_image)
+    return Example(tokens, modality, patch_index, patches, answer_start, caption)
+
+
+def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples into a batch.
+
+    tokens, modality, patch_index, text_position, targets: [B, S]; patches: [B, S, 192] (zeros at text
+    positions); targets[b, i] is the token at i+1 for caption positions and IGNORE elsewhere.
+    """
+    length = max(len(e.tokens) for e in examples)
+    batch = {name: torch.full((len(examples), length), fill, dtype=torch.long)
+             for name, fill in [("tokens", PAD), ("modality", TEXT), ("patch_index", 0), ("text_position", 0),
+                                ("targets", IGNORE)]}
+    batch["patches"] = torch.zeros(len(examples), length, PATCH_DIM)
+    for b, e in enumerate(examples):
+        n = len(e.tokens)
+        batch["tokens"][b, :n] = torch.tensor(e.tokens)
+        batch["modality"][b, :n] = torch.tensor(e.modality)
+        batch["patch_index"][b, :n] = torch.tensor(e.patch_index)
+        is_text = torch.tensor(e.modality) == TEXT
+        batch["text_position"][b, :n] = torch.cumsum(is_text.long(), 0) - 1      # position among text tokens
+        batch["text_position"][b, n:] = batch["text_position"][b, n - 1] + torch.arange(1, length - n + 1)
+        batch["patches"][b, :n][~is_text] = e.patches
+        # Predict each caption token and <eos> from the token before it.
+        batch["targets"][b, e.answer_start - 1:n - 1] = torch.tensor(e.tokens[e.answer_start:n])
+    return batch
+
+
+def training_batches(batch_size: int, seed: int, text_only_fraction: float = 0.25):
+    """An endless stream of training batches, reproducible from `seed`; seeds never overlap the fixed splits."""
+    rng = random.Random(TRAIN_SEED_BASE + seed)
+    while True:
+        scenes = [sample_scene(rng, "expand" if rng.random() < text_only_fraction else "describe")
+                  for _ in range(batch_size)]
+        yield collate([encode(s) for s in scenes])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The shipped splits and their data card
+# ---------------------------------------------------------------------------------------------------
+
+
+def make_split(name: str) -> list[dict]:
+    """The scenes of a fixed evaluation split, generated from its own seed."""
+    if name not in SPLITS:
+        raise ValueError(f"split must be one of {tuple(SPLITS)}, got {name!r}")
+    size, seed = SPLITS[name]
+    rng = random.Random(seed)
+    task = "expand" if name == "text_only" else "describe"
+    return [sample_scene(rng, task, compositional=(name == "compositional")) for _ in range(size)]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_splits(directory: str | Path | None = None) -> None:
+    """Write every split as JSON lines, the vocabulary, and the data card with sizes and sha256 sums."""
+    directory = Path(directory or DATA_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in SPLITS:
+        path = directory / f"{name}.jsonl"
+        scenes = make_split(name)
+        path.write_text("".join(json.dumps(s, sort_keys=True) + "\n" for s in scenes))
+        rows.append((path.name, len(scenes), _sha256(path)))
+    vocab_path = directory / "vocab.json"
+    vocab_path.write_text(json.dumps(list(VOCAB), indent=1) + "\n")
+    rows.append((vocab_path.name, len(VOCAB), _sha256(vocab_path)))
+    table = "\n".join(f"| {name} | {count} | {digest} |" for name, count, digest in rows)
+    (directory / "CARD.md").write_text(CARD_TEMPLATE.format(table=table, held_out=", ".join(
+        f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))))
+
+
+CARD_TEMPLATE = """# Data card: the toy captioning set
+
+Synthetic, generated by `sigma_ref/data.py` (`python -m sigma_ref data --regenerate` rewrites these files;
+`python -m sigma_ref data --check` verifies them). No real images or text; no personal data.
+
+- Images: 32x32 RGB, black background, one object (1/3 of scenes) or two (2/3) in an unambiguous spatial
+  relation; 6 colours x 4 shapes x 2 sizes; 16 patches of 8x8.
+- Captions: "a SIZE COLOUR SHAPE [RELATION a SIZE COLOUR SHAPE]"; word-level vocabulary in vocab.json.
+- Tasks: `describe` (caption an image) and `expand` (text only: rewrite a terse attribute list as a caption).
+- Held-out colour-shape pairs, never in training and present in every compositional sample: {held_out}.
+- Training data is generated on the fly from seeds >= 1,000,000; the splits below use seeds 1-4.
+- Each line of a .jsonl file is one scene; images are rendered from it deterministically.
+
+| file | items | sha256 |
+|---|---|---|
+{table}
+"""
+
+
+def check_splits(directory: str | Path | None = None) -> list[str]:
+    """Problems with the shipped files (missing, changed, not matching the card); empty if all is well."""
+    directory = Path(directory or DATA_DIR)
+    card = directory / "CARD.md"
+    fix = "regenerate with `python -m sigma_ref data --regenerate`"
+    if not card.exists():
+        return [f"{card} is missing; {fix}"]
+    expected = re.findall(r"^\| (\S+\.(?:jsonl|json)) \| (\d+) \| ([0-9a-f]{64}) \|$", card.read_text(), re.M)
+    problems = [] if expected else [f"{card} lists no files; {fix}"]
+    for name, count, digest in expected:
+        path = directory / name
+        if not path.exists():
+            problems.append(f"{path} is missing; {fix}")
+        elif _sha256(path) != digest:
+            problems.append(f"{path} does not match its sha256 in {card.name} (changed or corrupted); {fix}")
+    return problems
+
+
+def load_split(name: str, directory: str | Path | None = None) -> list[dict]:
+    """The scenes of a shipped split, after checking the file against the data card."""
+    directory = Path(directory or DATA_DIR)
+    if name not in SPLITS:
+        raise ValueError(f"split must be one of {tuple(SPLITS)}, got {name!r}")
+    problems = [p for p in check_splits(directory) if f"{name}.jsonl" in p or "CARD.md" in p]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return [json.loads(line) for line in (directory / f"{name}.jsonl").read_text().splitlines()]

@@ -1,0 +1,165 @@
+"""TinyMLLM: a small multimodal decoder in the LLaVA mould, with a pluggable attention layer.
+
+    text tokens ─ token embedding + text position ─┐
+                                                    ├─ + modality embedding ─> [pre-norm blocks] x L ─> LM head
+    image patches ─ linear patch embedding + 2-D ──┘          (attention: standard | gated | sigma)
+                    (row, column) position
+
+One sequence = prompt text, image patches, caption (see data.py). The blocks are ordinary pre-norm
+transformer blocks; only the attention changes between the three models, so any difference in what they
+learn comes from the attention. Text positions count text tokens only and patches carry their (row, col),
+so inserting image tokens never shifts a text token's position (data.py explains why).
+
+`generate()` decodes greedily with a KV cache; the cache keeps each position's modality, so SIGMA's intra
+heads stay within a modality while decoding, and the result equals recomputing the whole sequence
+(tests/test_model.py checks both).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import data as D
+from .attention import DEFAULT_BIAS_INIT, AttentionConfig, KVCache, make_attention
+from .masks import IMAGE, TEXT
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of a TinyMLLM and the attention its blocks use."""
+
+    attention: str = "sigma"                 # "standard", "gated" or "sigma"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 8
+    num_intra_heads: int | None = None       # SIGMA: None = half
+    bias_init: tuple = DEFAULT_BIAS_INIT
+    use_gates: bool = True
+    use_stream_bias: bool = True
+    backend: str = "auto"
+    mlp_ratio: int = 4
+    max_text_positions: int = 64
+    vocab_size: int = len(D.VOCAB)
+    patch_dim: int = D.PATCH_DIM
+    grid: int = D.GRID
+
+    def attention_config(self) -> AttentionConfig:
+        return AttentionConfig(hidden_size=self.hidden_size, num_heads=self.num_heads,
+                               num_intra_heads=self.num_intra_heads, bias_init=self.bias_init,
+                               use_gates=self.use_gates, use_stream_bias=self.use_stream_bias, backend=self.backend)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(config.hidden_size)
+        self.attn = make_attention(config.attention, config.attention_config())
+        self.norm_mlp = nn.LayerNorm(config.hidden_size)
+        self.mlp = nn.Sequential(nn.Linear(config.hidden_size, config.mlp_ratio * config.hidden_size), nn.GELU(),
+                                 nn.Linear(config.mlp_ratio * config.hidden_size, config.hidden_size))
+
+    def forward(self, x, modality_ids, return_details=False, cache=None):
+        out = self.attn(self.norm_attn(x), modality_ids, return_details=return_details, cache=cache)
+        attn_out, details = out if return_details else (out, None)
+        x = x + attn_out
+        x = x + self.mlp(self.norm_mlp(x))
+        return x, details
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                     # [B, S, vocab]
+    loss: torch.Tensor | None = None         # mean cross-entropy over caption targets
+    hidden_states: list = field(default_factory=list)   # residual stream before block l, and after the last
+    details: list = field(default_factory=list)         # AttentionDetails per layer (return_details=True)
+
+
+class TinyMLLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        H = config.hidden_size
+        self.token_embedding = nn.Embedding(config.vocab_size, H)
+        self.text_position = nn.Embedding(config.max_text_positions, H)
+        self.patch_embedding = nn.Linear(config.patch_dim, H)
+        self.patch_row = nn.Embedding(config.grid, H)
+        self.patch_col = nn.Embedding(config.grid, H)
+        self.modality_embedding = nn.Embedding(2, H)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = nn.LayerNorm(H)
+        self.lm_head = nn.Linear(H, config.vocab_size, bias=False)
+        self.lm_head.weight = self.token_embedding.weight          # tied, as in GPT-2 and nanoGPT
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        """[B, S] ids and [B, S, patch_dim] patches -> [B, S, H] input embeddings."""
+        if batch["text_position"].max() >= self.config.max_text_positions:
+            raise ValueError(f"text_position reaches {int(batch['text_position'].max())}; the model has "
+                             f"max_text_positions={self.config.max_text_positions}")
+        text = self.token_embedding(batch["tokens"]) + self.text_position(batch["text_position"])
+        row, col = batch["patch_index"] // self.config.grid, batch["patch_index"] % self.config.grid
+        image = self.patch_embedding(batch["patches"]) + self.patch_row(row) + self.patch_col(col)
+        is_image = (batch["modality"] == IMAGE)[..., None]
+        return torch.where(is_image, image, text) + self.modality_embedding(batch["modality"])
+
+    def forward(self, batch: dict, return_details: bool = False, caches: list | None = None) -> ModelOutput:
+        x = self.embed(batch)
+        hidden, details = [], []
+        for i, block in enumerate(self.blocks):
+            hidden.append(x)
+            x, d = block(x, batch["modality"], return_details, None if caches is None else caches[i])
+            details.append(d)
+        hidden.append(x)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if "targets" in batch:
+            loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=D.IGNORE)
+        return ModelOutput(logits, loss, hidden if return_details else [], details if return_details else [])
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int = 16, use_cache: bool = True) -> list[list[int]]:
+        """Greedy captions for a batch of prompts that all end with <answer> at the same length.
+
+        Returns the generated token ids of each row, up to and excluding <eos>.
+        """
+        prompt_len = batch["tokens"].shape[1]
+        if not (batch["tokens"][:, -1] == D.ANSWER).all():
+            raise ValueError("generate: every prompt must end with <answer> (same length, no padding); "
+                             "group prompts by length first (train.evaluate does)")
+        fields = ("tokens", "modality", "patch_index", "text_position", "patches")
+        seq = {k: batch[k] for k in fields}
+        caches = [KVCache() for _ in self.blocks] if use_cache else None
+        step_input = seq
+        finished = torch.zeros(len(seq["tokens"]), dtype=torch.bool, device=seq["tokens"].device)
+        for _ in range(max_new_tokens):
+            logits = self(step_input, caches=caches).logits[:, -1]
+            next_token = logits.argmax(-1)                                   # [B]
+            finished |= next_token == D.EOS
+            new = {"tokens": next_token[:, None], "modality": torch.full_like(next_token[:, None], TEXT),
+                   "patch_index": torch.zeros_like(next_token[:, None]),
+                   "text_position": seq["text_position"][:, -1:] + 1,
+                   "patches": seq["patches"].new_zeros(len(next_token), 1, seq["patches"].shape[-1])}
+            seq = {k: torch.cat([seq[k], new[k]], dim=1) for k in fields}
+            step_input = new if use_cache else seq
+            if finished.all():
+                break
+        out = []
+        for row in seq["tokens"][:, prompt_len:].tolist():
+            out.append(row[:row.index(D.EOS)] if D.EOS in row else row)
+        return out

@@ -1,0 +1,127 @@
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+import sigma_ref as sr
+from sigma_ref import data as D
+from sigma_ref import train as T
+from sigma_ref.model import ModelConfig, TinyMLLM
+
+TINY = T.TrainConfig(hidden_size=32, num_layers=2, num_heads=4, steps=12, batch_size=8, warmup_steps=3,
+                     eval_every=4, eval_samples=8, checkpoint_every=4)
+
+
+def prompts(n=6, split="test"):
+    examples = [T.prompt_of(D.encode(s)) for s in D.load_split(split)[:n]]
+    by_len = {}
+    for e in examples:
+        by_len.setdefault(len(e.tokens), []).append(e)
+    return [D.collate(group) for group in by_len.values()]
+
+
+@pytest.mark.parametrize("attention", ["standard", "gated", "sigma"])
+def test_kv_cache_generation_equals_full_recomputation(attention):
+    torch.manual_seed(0)
+    model = TinyMLLM(ModelConfig(attention=attention, hidden_size=32, num_layers=2, num_heads=4)).eval()
+    for batch in prompts(6) + prompts(6, "text_only"):
+        cached = model.generate(batch, max_new_tokens=8, use_cache=True)
+        full = model.generate(batch, max_new_tokens=8, use_cache=False)
+        assert cached == full
+
+
+def test_cached_logits_equal_full_logits():
+    """Stronger than equal argmax: every decoding step's logits match the full forward pass."""
+    torch.manual_seed(1)
+    model = TinyMLLM(ModelConfig(attention="sigma", hidden_size=32, num_layers=2, num_heads=4)).eval()
+    full = D.collate([D.encode(D.load_split("test")[1])])
+    n = full["tokens"].shape[1]
+    reference = model({k: v for k, v in full.items() if k != "targets"}).logits
+    caches = [sr.attention.KVCache() for _ in model.blocks]
+    prefix = 18
+    step = {k: v[:, :prefix] for k, v in full.items() if k != "targets"}
+    outs = [model(step, caches=caches).logits]
+    for i in range(prefix, n):
+        outs.append(model({k: v[:, i:i + 1] for k, v in full.items() if k != "targets"}, caches=caches).logits)
+    torch.testing.assert_close(torch.cat(outs, 1), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_keeps_the_intra_stream_pure():
+    """Changing the image does not change the intra-stream output of generated text at layer 0."""
+    torch.manual_seed(2)
+    model = TinyMLLM(ModelConfig(attention="sigma", hidden_size=32, num_layers=1, num_heads=4)).eval()
+    batch = D.collate([D.encode(D.load_split("test")[3])])
+    other = dict(batch, patches=torch.rand_like(batch["patches"]) * (batch["modality"] == sr.IMAGE)[..., None])
+    text = batch["modality"][0] == sr.TEXT
+    a = model(batch, return_details=True).details[0]
+    b = model(other, return_details=True).details[0]
+    assert torch.equal(a.o_intra[0, text], b.o_intra[0, text])
+    assert not torch.allclose(a.o_global[0, text][-3:], b.o_global[0, text][-3:])
+
+
+def test_generate_rejects_prompts_not_ending_in_answer():
+    model = TinyMLLM(ModelConfig(hidden_size=32, num_layers=1, num_heads=4))
+    batch = D.collate([D.encode(D.load_split("test")[0])])
+    with pytest.raises(ValueError, match="<answer>"):
+        model.generate(batch)
+
+
+def test_same_seed_same_loss_curve_and_resume_continues_it(tmp_path):
+    straight = T.Trainer("sigma", TINY, seed=5, out_dir=tmp_path / "a", device="cpu")
+    straight.run(progress=False)
+    again = T.Trainer("sigma", TINY, seed=5, out_dir=tmp_path / "b", device="cpu")
+    again.run(progress=False)
+    assert straight.loss_curve == again.loss_curve
+
+    interrupted = T.Trainer("sigma", TINY, seed=5, out_dir=tmp_path / "c", device="cpu")
+    interrupted.run(stop_at=8, progress=False)                  # checkpoint at step 8, then "crash"
+    resumed = T.Trainer("sigma", TINY, seed=5, out_dir=tmp_path / "c", device="cpu")
+    resumed.load(tmp_path / "c" / "checkpoint.pt")
+    assert resumed.step == 8
+    resumed.run(progress=False)
+    assert resumed.loss_curve == straight.loss_curve
+    assert not (tmp_path / "c" / "checkpoint.tmp").exists()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    trainer = T.Trainer("gated", TINY, seed=0, out_dir=tmp_path, device="cpu")
+    trainer.run(stop_at=4, progress=False)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    with torch.no_grad():
+        trainer.model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"at step 4.*last good checkpoint is .*checkpoint.pt"):
+        trainer.run(progress=False)
+    after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(saved[k], after[k]) for k in saved)
+
+
+def test_learning_rate_schedule():
+    lrs = [T.learning_rate(s, TINY) for s in range(TINY.steps + 1)]
+    assert lrs[0] < lrs[2] <= TINY.lr and math.isclose(max(lrs), TINY.lr)
+    assert math.isclose(lrs[-1], 0.1 * TINY.lr)
+
+
+def test_resume_rejects_a_checkpoint_of_another_model(tmp_path):
+    T.Trainer("sigma", TINY, seed=0, out_dir=tmp_path, device="cpu").run(stop_at=4, progress=False)
+    with pytest.raises(ValueError, match="checkpoint .* is for attention='sigma'"):
+        T.Trainer("standard", TINY, seed=0, device="cpu").load(tmp_path / "checkpoint.pt")
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="preset must be one of"):
+        T.get_preset("laptop")
+
+
+def test_metrics_json_has_every_field(tmp_path, monkeypatch):
+    monkeypatch.setitem(T.PRESETS, "tiny", TINY)
+    metrics = T.train_and_evaluate("sigma", "tiny", 0, tmp_path, progress=False, device="cpu")
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ["caption_exact_match", "slot_accuracy", "compositional_exact_match", "text_only_accuracy",
+                "dilution", "train_seconds", "steps", "parameters", "loss_curve", "checkpoint"]:
+        assert key in written
+    assert set(written["dilution"]["blank"]) == {"0", "16", "64"}
+    assert set(written["slot_accuracy"]) >= {"size_1", "colour_1", "shape_1"}
+    assert written["steps"] == TINY.steps and written["parameters"] == metrics["parameters"] > 0
+    assert 0 <= written["caption_exact_match"] <= 1

@@ -44,16 +44,27 @@ def half_image_layout(n: int) -> torch.Tensor:
 
 def median_seconds(fn, repeats: int, warmup: int = 1, sync=lambda: None) -> float:
     """Median wall time of fn() over `repeats` runs after `warmup` untimed runs."""
-    for _ in range(warmup):
-        fn()
+    return interleaved_medians({"fn": fn}, repeats, warmup, sync)["fn"]
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 1, sync=lambda: None) -> dict:
+    """Median wall time of each function, timed round-robin: A B C, A B C, ...
+
+    On a shared machine the background load drifts over seconds. Timing A fully, then B, then C lets that
+    drift land on one candidate; interleaving spreads it over all of them, so their RATIOS stay honest.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync()
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,21 +169,24 @@ def timing_table(sizes, device, dtype, repeats, progress=True) -> Table:
                   "(median ms; ratio in the same run to: standard causal SDPA for kernels, flash causal for "
                   "SIGMA flash, the StandardAttention module for modules)",
                   ["N", "what", "fwd ms", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio"])
-    jobs = [(n, name) for n in sizes for name in names + modules]      # references come first in each group
-    reference = {}
-    for n, name in tqdm(jobs, desc=f"bench {device.type}", disable=not progress):
-        row = [n, name]
-        for backward in (False, True):
+    jobs = [(n, backward) for n in sizes for backward in (False, True)]
+    rows = {}
+    for n, backward in tqdm(jobs, desc=f"bench {device.type}", disable=not progress):
+        fns = {}
+        for name in names + modules:
             if name == "SIGMA flex" and backward and device.type == "cpu":
-                row += [None, None]                      # FlexAttention has no backward on CPU
-                continue
-            make = module_case if name in modules else kernel_case
-            what = name.split()[0].lower().replace("attention", "") if name in modules else name
-            seconds = median_seconds(make(what, n, device, dtype, backward), repeats, sync=sync)
-            if name in REFERENCE.values():
-                reference[(name, n, backward)] = seconds
-            row += [seconds * 1e3, seconds / reference[(reference_for(name), n, backward)]]
-        table.rows.append(row)
+                continue                                 # FlexAttention has no backward on CPU
+            if name in modules:
+                fns[name] = module_case(name.split("Attention")[0].lower(), n, device, dtype, backward)
+            else:
+                fns[name] = kernel_case(name, n, device, dtype, backward)
+        seconds = interleaved_medians(fns, repeats, sync=sync)
+        for name in names + modules:
+            row = rows.setdefault((n, name), [n, name, None, None, None, None])
+            if name in seconds:
+                col = 4 if backward else 2
+                row[col], row[col + 1] = seconds[name] * 1e3, seconds[name] / seconds[reference_for(name)]
+    table.rows = list(rows.values())
     return table
 
 
@@ -233,9 +247,9 @@ def crossover_table(sizes=(64, 128, 256, 384, 512, 1024), repeats=20, progress=T
                   ["N", "sdpa ms", "packed ms", "packed / sdpa"])
     device = torch.device("cpu")
     for n in tqdm(sizes, desc="crossover", disable=not progress):
-        dense = median_seconds(kernel_case("SIGMA sdpa", n, device, torch.float32, True), repeats, warmup=3)
-        packed = median_seconds(kernel_case("SIGMA packed", n, device, torch.float32, True), repeats, warmup=3)
-        table.rows.append([n, dense * 1e3, packed * 1e3, packed / dense])
+        t = interleaved_medians({backend: kernel_case(f"SIGMA {backend}", n, device, torch.float32, True)
+                                 for backend in ("sdpa", "packed")}, repeats, warmup=3)
+        table.rows.append([n, t["sdpa"] * 1e3, t["packed"] * 1e3, t["packed"] / t["sdpa"]])
     return table
 
 

@@ -114,6 +114,13 @@ def sigma_attention(
     if resolved == "flex":
         # One FlexAttention call for all heads: the BlockMask knows which heads are intra.
         return _flex(q, k, v, _flex_block_mask(modality_ids, num_intra_heads, q)), None
+    if resolved == "sdpa" and 0 < num_intra_heads < num_heads:
+        # One SDPA call with a per-head mask [B, H, S, S]: at short lengths (the tiny model) a second kernel
+        # call and the split / cat around it cost more than the whole attention.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_sigma_dense_mask(modality_ids, num_intra_heads, num_heads)), None
+    if num_intra_heads in (0, num_heads):      # one stream only: no split, no cat
+        groups = modality_ids if num_intra_heads else None
+        return grouped_causal_attention(q, k, v, groups, backend=resolved, return_probs=return_probs)
     # split (not q[:, a:b]): its backward is one cat, where slicing would allocate a zero gradient of full
     # size per slice. Outputs are joined along the head axis of the [B, S, H, d] layout the modules use, so
     # the module's final reshape to [B, S, H * d] is free.
@@ -175,6 +182,28 @@ def allowed_mask(group_ids: torch.Tensor | None, seq_len: int, device) -> torch.
         return causal[None, None]
     same_group = group_ids[:, :, None] == group_ids[:, None, :]          # [B, S, S]
     return (same_group & causal)[:, None]                                 # [B, 1, S, S]
+
+
+_last_dense_mask: tuple = ()
+
+
+def _sigma_dense_mask(modality_ids, num_intra_heads, num_heads):
+    """BoolTensor [B, H, S, S]: intra mask for heads < num_intra_heads, causal for the rest.
+
+    Every layer of one model forward passes the SAME modality-id tensor, so the last mask is kept and reused
+    when the tensor object, its version counter (bumped by any in-place change) and the split all match.
+    Holding a reference to the tensor keeps its identity from being reused by another tensor.
+    """
+    global _last_dense_mask
+    key = (modality_ids._version, num_intra_heads, num_heads)
+    if _last_dense_mask and _last_dense_mask[0] is modality_ids and _last_dense_mask[1] == key:
+        return _last_dense_mask[2]
+    intra = allowed_mask(modality_ids, modality_ids.shape[1], modality_ids.device)          # [B, 1, S, S]
+    causal = allowed_mask(None, modality_ids.shape[1], modality_ids.device)                 # [1, 1, S, S]
+    is_intra = (torch.arange(num_heads, device=modality_ids.device) < num_intra_heads)[None, :, None, None]
+    mask = torch.where(is_intra, intra, causal)
+    _last_dense_mask = (modality_ids, key, mask)
+    return mask
 
 
 def _math(q, k, v, group_ids):

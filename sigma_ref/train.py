@@ -50,11 +50,11 @@ class TrainConfig:
 
 PRESETS = {
     # Trains in well under a minute on 2 CPU cores; used by the tests and by the notebooks in fast mode.
-    "ci": TrainConfig(hidden_size=64, num_layers=2, num_heads=4, steps=200, batch_size=32, warmup_steps=20,
-                      eval_every=50, eval_samples=100, checkpoint_every=100),
+    "ci": TrainConfig(hidden_size=64, num_layers=2, num_heads=4, steps=500, batch_size=32, warmup_steps=30,
+                      eval_every=50, eval_samples=100, checkpoint_every=250),
     # Each model in at most 5 minutes on 2 CPU cores.
-    "cpu": TrainConfig(hidden_size=96, num_layers=3, num_heads=4, steps=1200, batch_size=48, eval_every=200,
-                       checkpoint_every=300),
+    "cpu": TrainConfig(hidden_size=96, num_layers=3, num_heads=4, steps=3000, batch_size=48, eval_every=250,
+                       checkpoint_every=500),
     # A CUDA GPU: larger, bf16, flash-attn when installed.
     "gpu": TrainConfig(hidden_size=256, num_layers=6, num_heads=8, steps=4000, batch_size=128, lr=1e-3,
                        warmup_steps=200, eval_every=500, checkpoint_every=1000, bf16=True),
@@ -335,20 +335,22 @@ def compare(preset: str, seeds: int, out_dir: str | Path, attentions=("standard"
     return runs
 
 
-def training_step_table(progress: bool = True, preset: str = "cpu", repeats: int = 20):
+def training_step_table(progress: bool = True, preset: str = "cpu", repeats: int = 50):
     """Median training-step time of the tiny model for each attention (auto backend), ratio to standard."""
     from tqdm.auto import tqdm
 
-    from .bench import Table, median_seconds
+    from .bench import Table, interleaved_medians
 
     config = get_preset(preset)
     table = Table(f"Tiny-model training step, preset {preset} (D={config.hidden_size}, L={config.num_layers}, "
-                  f"H={config.num_heads}, batch {config.batch_size}), median ms", ["attention", "step ms", "ratio"])
+                  f"H={config.num_heads}, batch {config.batch_size}), median ms, timed round-robin",
+                  ["attention", "step ms", "ratio"])
     batch = DataStream(config.batch_size, 0, config.text_only_fraction).next()
-    reference = None
+    steps = {}
     for attention in tqdm(("standard", "gated", "sigma"), desc="train step", disable=not progress):
         trainer = Trainer(attention, config, 0, device="cpu")
-        seconds = median_seconds(lambda: trainer.train_step(batch), repeats, warmup=3)
-        reference = reference or seconds
-        table.rows.append([attention, seconds * 1e3, seconds / reference])
+        steps[attention] = lambda trainer=trainer: trainer.train_step(batch)
+    seconds = interleaved_medians(steps, repeats, warmup=3)
+    for attention, t in seconds.items():
+        table.rows.append([attention, t * 1e3, t / seconds["standard"]])
     return table

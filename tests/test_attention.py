@@ -216,3 +216,11 @@ def test_flash_backend_on_cpu_fp32_says_what_to_use():
 def test_unknown_attention_kind():
     with pytest.raises(ValueError, match="attention must be one of"):
         sr.make_attention("linear", sr.AttentionConfig(hidden_size=32, num_heads=4))
+
+
+@given(modality_rows(max_len=16), st.integers(0, H), st.booleans())
+def test_fused_gates_equal_the_per_stream_definition(ids, split, bias):
+    layer = make(num_intra_heads=split, use_stream_bias=bias)
+    x = inputs(ids)
+    parts = [g for g in (layer.gate(0, x, ids), layer.gate(1, x, ids)) if g is not None]
+    torch.testing.assert_close(layer.gates(x, ids), torch.cat(parts, -1), atol=1e-6, rtol=1e-6)

@@ -177,3 +177,16 @@ def test_kernel_input_errors(make, message):
     args.update(make(q))
     with pytest.raises(ValueError, match=message):
         sr.grouped_causal_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def test_dense_mask_reuse_never_serves_a_stale_mask():
+    """The per-forward mask cache must notice an in-place change of the ids and a different split."""
+    ids = torch.tensor([[0, 0, 1, 1, 0, 1]])
+    q, k, v = random_qkv(ids, heads=4)
+    first, _ = sr.sigma_attention(q, k, v, ids, 2, backend="sdpa")
+    ids[0, 2] = 0                                            # in place: same object, new version
+    expected, _ = sr.sigma_attention(q, k, v, ids, 2, backend="math")
+    torch.testing.assert_close(sr.sigma_attention(q, k, v, ids, 2, backend="sdpa")[0], expected)
+    expected3, _ = sr.sigma_attention(q, k, v, ids, 3, backend="math")
+    torch.testing.assert_close(sr.sigma_attention(q, k, v, ids, 3, backend="sdpa")[0], expected3)
+    assert not torch.allclose(first, expected)

@@ -34,6 +34,7 @@ from .masks import (
     sigma_mask,
     sigma_mask_mod,
 )
-from .runtime import fast_mode
+from .runtime import course_preset, course_seeds, fast_mode
+from . import attention, bench, data, kernels, masks, model, probes, runtime, train, viz, widgets  # noqa: E402
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Command line: python -m sigma_ref {train,compare,bench,data,demo} ... (each has --help)."""
+"""Command line: python -m sigma_ref {train,compare,figures,bench,data,demo} ... (each has --help)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ def _compare(args) -> None:
     from . import train
 
     train.compare(args.preset, args.seeds, args.out, attentions=args.attentions, backend=args.backend)
+
+
+def _figures(args) -> None:
+    from pathlib import Path
+
+    from .viz import write_compare_figures
+
+    runs = json.loads((Path(args.dir) / "results.json").read_text())["runs"]
+    for path in write_compare_figures(runs, args.dir):
+        print(f"wrote {path}")
 
 
 def _data(args) -> None:
@@ -81,6 +91,10 @@ def main(argv=None) -> None:
     p.add_argument("--attentions", nargs="+", default=["standard", "gated", "sigma"])
     p.add_argument("--backend", default="auto")
     p.set_defaults(run=_compare)
+
+    p = commands.add_parser("figures", help="(re)draw the figures of a finished compare run from its results.json")
+    p.add_argument("dir", help="the compare output directory")
+    p.set_defaults(run=_figures)
 
     p = commands.add_parser("data", help="check (or regenerate) the shipped evaluation splits")
     p.add_argument("--check", action="store_true", help="verify every file against the data card (default)")

@@ -25,3 +25,22 @@ def fast_mode() -> bool:
 def default_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def course_preset() -> str:
+    """The training preset the notebooks use: "ci" in fast mode, else "gpu" with CUDA, else "cpu"."""
+    if fast_mode():
+        return "ci"
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def course_seeds() -> list[int]:
+    """Seeds the notebooks train and probe: one in fast mode, three otherwise (results vary with the seed)."""
+    return [0] if fast_mode() else [0, 1, 2]
+
+
+def runs_dir(preset: str):
+    """Where trained models of a preset live: runs/<preset> in the repository, shared by notebooks and CLI."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "runs" / preset

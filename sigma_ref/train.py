@@ -94,6 +94,15 @@ class DataStream:
         return D.collate([D.encode(s) for s in scenes])
 
 
+def load_model(checkpoint: str | Path, device="cpu") -> TinyMLLM:
+    """A trained TinyMLLM from a checkpoint written by the trainer, in eval mode."""
+    state = torch.load(checkpoint, map_location=device, weights_only=False)
+    config = ModelConfig(**{**state["model_config"], "bias_init": tuple(map(tuple, state["model_config"]["bias_init"]))})
+    model = TinyMLLM(config).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -274,7 +283,7 @@ def train_and_evaluate(attention: str, preset: str, seed: int, out_dir: str | Pa
                "device": str(trainer.device) if trainer.device.type == "cpu" else torch.cuda.get_device_name(),
                **evaluate_all(trainer.model, config.eval_samples),
                "loss_curve": trainer.loss_curve, "gate_history": trainer.gate_history,
-               "checkpoint": str(trainer.checkpoint_path)}
+               "checkpoint": str(trainer.checkpoint_path)}       # as written; readers use run_dir()
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
@@ -310,14 +319,39 @@ def summary_table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def compare(preset: str, seeds: int, out_dir: str | Path, attentions=("standard", "gated", "sigma"),
+ATTENTION_KINDS = ("standard", "gated", "sigma")
+
+
+def run_dir(out_dir: str | Path, attention: str, seed: int) -> Path:
+    return Path(out_dir) / f"{attention}_seed{seed}"
+
+
+def ensure_trained(preset: str, seeds, out_dir: str | Path, attentions=ATTENTION_KINDS, backend: str = "auto",
+                   progress: bool = True) -> dict[str, list[dict]]:
+    """Metrics of every (attention, seed) in out_dir, training only those not there yet (or of another preset).
+
+    Notebooks and `compare` share this, so a model trained once is reused: `python -m sigma_ref compare
+    --preset cpu --out runs/cpu` before opening the notebooks saves them the training time.
+    """
+    runs = {}
+    for attention in attentions:
+        for seed in seeds:
+            path = run_dir(out_dir, attention, seed)
+            metrics_path = path / "metrics.json"
+            metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+            if metrics is None or metrics.get("preset") != preset:
+                metrics = train_and_evaluate(attention, preset, seed, path, backend, progress=progress)
+            runs.setdefault(attention, []).append(metrics)
+    return runs
+
+
+def compare(preset: str, seeds: int, out_dir: str | Path, attentions=ATTENTION_KINDS,
             backend: str = "auto", progress: bool = True) -> dict:
     """Train every attention for seeds 0..seeds-1; write results.json, results.md and the figures."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     out_dir = Path(out_dir)
-    runs = {a: [train_and_evaluate(a, preset, s, out_dir / f"{a}_seed{s}", backend, progress=progress)
-                for s in range(seeds)] for a in attentions}
+    runs = ensure_trained(preset, range(seeds), out_dir, attentions, backend, progress)
     from .bench import machine_description
     machine = machine_description()
     table = summary_table(runs)
@@ -326,12 +360,8 @@ def compare(preset: str, seeds: int, out_dir: str | Path, attentions=("standard"
     (out_dir / "results.md").write_text(
         f"Preset `{preset}`, seeds {list(range(seeds))}, mean ± std over seeds; machine: {machine}\n\n{table}\n")
     print(table)
-    try:
-        from .viz import write_compare_figures
-    except ImportError:          # figures need matplotlib; the table does not
-        pass
-    else:
-        write_compare_figures(runs, out_dir)
+    from .viz import write_compare_figures
+    write_compare_figures(runs, out_dir)
     return runs
 
 
@@ -347,7 +377,7 @@ def training_step_table(progress: bool = True, preset: str = "cpu", repeats: int
                   ["attention", "step ms", "ratio"])
     batch = DataStream(config.batch_size, 0, config.text_only_fraction).next()
     steps = {}
-    for attention in tqdm(("standard", "gated", "sigma"), desc="train step", disable=not progress):
+    for attention in tqdm(ATTENTION_KINDS, desc="train step", disable=not progress):
         trainer = Trainer(attention, config, 0, device="cpu")
         steps[attention] = lambda trainer=trainer: trainer.train_step(batch)
     seconds = interleaved_medians(steps, repeats, warmup=3)

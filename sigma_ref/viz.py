@@ -1,0 +1,262 @@
+"""Matplotlib figures for the course. Every function returns a Figure and draws nothing it was not given.
+
+Mask plots follow the convention learners know from attention tutorials: query rows, key columns, dark =
+may attend, T/I tick labels, a grid on short sequences. The figure functions take plain arrays (from
+masks.py or probes.py), so their data can be tested without looking at pixels.
+
+Run `python -m sigma_ref.viz OUT.png` to draw the per-head masks of a small layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from . import masks as M
+
+MODEL_COLOURS = {"standard": "#7f7f7f", "gated": "#1f77b4", "sigma": "#d62728"}
+STREAM_COLOURS = {"intra": "#2ca02c", "global": "#9467bd"}
+
+
+def _labels(modality_ids) -> list[str]:
+    return ["T" if int(m) == M.TEXT else "I" for m in modality_ids]
+
+
+def plot_mask(mask, modality_ids, ax=None, title: str = "") -> plt.Axes:
+    """One [S, S] boolean mask: query rows, key columns, dark where attention is allowed."""
+    mask = torch.as_tensor(mask).bool().cpu().numpy()
+    ax = ax or plt.figure(figsize=(4, 4)).add_subplot()
+    ax.imshow(mask, cmap="Greys", vmin=0, vmax=1.4, interpolation="nearest")
+    n = mask.shape[0]
+    if n <= 40:
+        labels = _labels(modality_ids)
+        ax.set_xticks(range(n), labels, fontsize=7)
+        ax.set_yticks(range(n), labels, fontsize=7)
+        ax.set_xticks(np.arange(-0.5, n), minor=True)
+        ax.set_yticks(np.arange(-0.5, n), minor=True)
+        ax.grid(which="minor", color="white", linewidth=0.5)
+        ax.tick_params(which="minor", length=0)
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    ax.set_title(title)
+    return ax
+
+
+def mask_figure(modality_ids) -> plt.Figure:
+    """The causal mask and the intra mask of one layout, side by side."""
+    ids = torch.as_tensor(modality_ids)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4), constrained_layout=True)
+    plot_mask(M.causal_mask(len(ids)), ids, axes[0], "causal (global stream)")
+    plot_mask(M.intra_mask(ids), ids, axes[1], "intra (same modality and causal)")
+    fig.suptitle(M.layout_string(ids))
+    return fig
+
+
+def head_masks_figure(modality_ids, num_heads: int, num_intra_heads: int) -> plt.Figure:
+    """One small mask per head for a given split: intra heads first, then global."""
+    ids = torch.as_tensor(modality_ids)
+    masks = M.sigma_mask(ids, num_heads, num_intra_heads)                       # [H, S, S]
+    fig, axes = plt.subplots(1, num_heads, figsize=(1.9 * num_heads, 2.3), constrained_layout=True)
+    for h, ax in enumerate(np.atleast_1d(axes)):
+        stream = "intra" if h < num_intra_heads else "global"
+        plot_mask(masks[h], ids, ax, f"head {h}: {stream}")
+        ax.title.set_color(STREAM_COLOURS[stream])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    fig.suptitle(f"{num_intra_heads} intra + {num_heads - num_intra_heads} global heads")
+    return fig
+
+
+def stream_attention_figure(attn_probs, modality_ids, num_intra_heads: int, title: str = "") -> plt.Figure:
+    """Mean attention map of each stream for one sequence ([H, S, S] probabilities)."""
+    probs = torch.as_tensor(attn_probs).float()
+    streams = [("intra", probs[:num_intra_heads]), ("global", probs[num_intra_heads:])]
+    streams = [(name, p) for name, p in streams if len(p)]
+    fig, axes = plt.subplots(1, len(streams), figsize=(4.2 * len(streams), 4), constrained_layout=True, squeeze=False)
+    for ax, (name, p) in zip(axes[0], streams):
+        ax.imshow(p.mean(0).numpy() ** 0.5, cmap="magma", interpolation="nearest")   # sqrt: small masses show
+        labels = _labels(modality_ids)
+        step = max(1, len(labels) // 24)
+        ax.set_xticks(range(0, len(labels), step), labels[::step], fontsize=6)
+        ax.set_yticks(range(0, len(labels), step), labels[::step], fontsize=6)
+        ax.set_title(f"{name} stream (mean over {len(p)} heads, sqrt scale)")
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    fig.suptitle(title)
+    return fig
+
+
+def token_gates_figure(token_gates: dict, title: str = "") -> plt.Figure:
+    """Heatmap of per-token mean gates (probes.token_gates): one row per layer and stream."""
+    rows, labels = [], []
+    for stream in ("intra", "global"):
+        if stream in token_gates:
+            for layer, values in enumerate(token_gates[stream]):
+                rows.append(values)
+                labels.append(f"L{layer} {stream}")
+    if not rows:
+        raise ValueError("token_gates_figure: the model has no gates (standard attention)")
+    words = token_gates["tokens"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(words)), 0.45 * len(rows) + 1.6), constrained_layout=True)
+    image = ax.imshow(np.stack(rows), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(words)), words, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    fig.colorbar(image, ax=ax, label="mean gate")
+    ax.set_title(title or "gate value per token")
+    return fig
+
+
+def gates_over_training_figure(gate_history: list[dict], title: str = "") -> plt.Figure:
+    """Mean gate per stream x modality (averaged over layers) against the training step."""
+    steps = [h["step"] for h in gate_history]
+    fig, ax = plt.subplots(figsize=(6, 3.5), constrained_layout=True)
+    for stream in ("intra", "global"):
+        for modality, style in (("text", "-"), ("image", "--")):
+            values = [np.mean([layer[stream][modality] for layer in h["gates"] if stream in layer])
+                      if any(stream in layer for layer in h["gates"]) else np.nan for h in gate_history]
+            if not np.all(np.isnan(values)):
+                ax.plot(steps, values, style, color=STREAM_COLOURS[stream], label=f"{stream} gate, {modality} tokens")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean gate")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    return fig
+
+
+def _mean_std(values):
+    arr = np.array(values, dtype=float)
+    return np.nanmean(arr, axis=0), (np.nanstd(arr, axis=0) if len(arr) > 1 else np.zeros(arr.shape[1:]))
+
+
+def latte_summary_data(probes_by_model: dict[str, list[dict]]) -> dict:
+    """The numbers the summary figure draws, from {model: [per-seed probe dicts]}.
+
+    Each probe dict holds "cross_modal_mass" and "contamination" (probes.py). Returns, per model, the mean
+    and std over seeds of the text->image mass per stream and of the contamination per layer.
+    """
+    summary = {}
+    for model, seeds in probes_by_model.items():
+        entry = {"mass": {}, "contamination": {}}
+        for stream in ("intra", "global"):
+            per_seed = []
+            for p in seeds:
+                heads = [h for h, s in enumerate(p["cross_modal_mass"]["streams"]) if s == stream]
+                if heads:
+                    per_seed.append([np.nanmean(np.asarray(p["cross_modal_mass"]["text_to_image"])[:, heads])])
+            if per_seed:
+                mean, std = _mean_std(per_seed)
+                entry["mass"][stream] = (float(mean[0]), float(std[0]))
+        for kind in ("intra", "global", "residual"):
+            curves = [np.asarray(p["contamination"][kind], dtype=float) for p in seeds]
+            if not np.all(np.isnan(curves)):
+                entry["contamination"][kind] = _mean_std(curves)
+        summary[model] = entry
+    return summary
+
+
+def latte_summary_figure(probes_by_model: dict[str, list[dict]]) -> plt.Figure:
+    """The one-glance figure: cross-modal mass per stream (left) and contamination per layer (right)."""
+    data = latte_summary_data(probes_by_model)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    bars, labels, colours, errs = [], [], [], []
+    for model, entry in data.items():
+        for stream, (mean, std) in entry["mass"].items():
+            bars.append(mean)
+            errs.append(std)
+            labels.append(f"{model}\n{stream}")
+            colours.append(MODEL_COLOURS.get(model, "k"))
+    left.bar(range(len(bars)), bars, yerr=errs, color=colours, capsize=3)
+    left.set_xticks(range(len(bars)), labels, fontsize=8)
+    left.set_ylabel("attention mass, text queries on image keys")
+    left.set_title("what mixes: cross-modal attention per stream")
+    for i, b in enumerate(bars):
+        left.annotate(f"{b:.2f}", (i, b), ha="center", va="bottom", fontsize=8)
+    styles = {"intra": ":", "global": "--", "residual": "-"}
+    for model, entry in data.items():
+        for kind, (mean, std) in entry["contamination"].items():
+            layers = np.arange(len(mean))
+            right.errorbar(layers, mean, yerr=std, linestyle=styles[kind], marker="o", capsize=3,
+                           color=MODEL_COLOURS.get(model, "k"), label=f"{model} {kind}")
+    right.set_xlabel("layer")
+    right.set_ylabel("relative change of text tokens when the image changes")
+    right.set_title("what stays pure: contamination of text tokens")
+    right.legend(fontsize=7, ncol=2)
+    fig.suptitle("The latte, measured (mean ± std over seeds)")
+    return fig
+
+
+def seeds_errorbar_figure(values_by_model: dict[str, list], x, xlabel: str, ylabel: str, title: str) -> plt.Figure:
+    """Lines with error bars over seeds: values_by_model[model] is a list (seeds) of arrays over x."""
+    fig, ax = plt.subplots(figsize=(6, 3.8), constrained_layout=True)
+    for model, per_seed in values_by_model.items():
+        mean, std = _mean_std(per_seed)
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=MODEL_COLOURS.get(model, "k"), label=model)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    return fig
+
+
+def sinks_figure(sinks_by_model: dict[str, list[dict]]) -> plt.Figure:
+    """First-token attention fraction per layer, mean ± std over seeds."""
+    values = {m: [s["first_token"] for s in seeds] for m, seeds in sinks_by_model.items()}
+    n_layers = len(next(iter(values.values()))[0])
+    return seeds_errorbar_figure(values, np.arange(n_layers), "layer", "attention on the first token",
+                                 "Attention sinks")
+
+
+def dilution_figure(runs: dict[str, list[dict]], kind: str = "blank") -> plt.Figure:
+    """Text-only accuracy against inserted image tokens, from compare's metrics (mean ± std over seeds)."""
+    counts = sorted(int(n) for n in next(iter(runs.values()))[0]["dilution"][kind])
+    values = {m: [[r["dilution"][kind][str(n)] for n in counts] for r in results] for m, results in runs.items()}
+    return seeds_errorbar_figure(values, counts, f"{kind} image tokens inserted", "text-only exact match",
+                                 f"Dilution: text-only task with {kind} image tokens")
+
+
+def probe_trained_model(model, batch) -> dict:
+    """Every per-model probe the compare figures need, as plain numbers."""
+    from . import probes
+
+    return {"cross_modal_mass": probes.cross_modal_mass(model, batch),
+            "contamination": probes.contamination(model, batch),
+            "sinks": probes.attention_sinks(model, batch)}
+
+
+def write_compare_figures(runs: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
+    """Probe every trained model of a compare run and write the PNG figures next to its results table."""
+    from . import probes
+    from .train import load_model, run_dir
+
+    out_dir = Path(out_dir)
+    batch = probes.probe_batch()
+    probed = {m: [probe_trained_model(load_model(run_dir(out_dir, m, r["seed"]) / "checkpoint.pt"), batch)
+                  for r in results] for m, results in runs.items()}
+    figures = {
+        "latte_summary.png": latte_summary_figure(probed),
+        "sinks.png": sinks_figure({m: [p["sinks"] for p in ps] for m, ps in probed.items()}),
+        "dilution_blank.png": dilution_figure(runs, "blank"),
+        "dilution_noise.png": dilution_figure(runs, "noise"),
+    }
+    for model in ("gated", "sigma"):
+        if model in runs:
+            figures[f"gates_over_training_{model}.png"] = gates_over_training_figure(
+                runs[model][0]["gate_history"], f"{model}, seed {runs[model][0]['seed']}")
+    paths = []
+    for name, fig in figures.items():
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        paths.append(out_dir / name)
+    return paths
+
+
+if __name__ == "__main__":
+    import sys
+
+    head_masks_figure(M.layout("T3 I6 T4"), 8, 4).savefig(sys.argv[1] if len(sys.argv) > 1 else "head_masks.png")

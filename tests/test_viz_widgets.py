@@ -1,0 +1,110 @@
+"""Figures are made headlessly and their data functions are checked; widget callbacks are called directly."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+import torch
+
+import sigma_ref as sr
+from sigma_ref import viz, widgets
+
+
+def probe(mass_intra, mass_global, contamination):
+    streams = ["intra", "intra", "global", "global"] if mass_intra is not None else ["global"] * 4
+    heads = [mass_intra, mass_intra, mass_global, mass_global] if mass_intra is not None else [mass_global] * 4
+    return {"cross_modal_mass": {"text_to_image": np.array([heads, heads]), "streams": streams},
+            "contamination": {k: np.array(v) for k, v in contamination.items()}}
+
+
+def test_latte_summary_data_means_and_stds_over_seeds():
+    nan = [np.nan, np.nan]
+    data = viz.latte_summary_data({
+        "sigma": [probe(0.0, 0.4, {"intra": [0, 0.2], "global": [1, 1], "residual": [0.5, 0.7]}),
+                  probe(0.0, 0.6, {"intra": [0, 0.4], "global": [1, 1], "residual": [0.5, 0.9]})],
+        "standard": [probe(None, 0.5, {"intra": nan, "global": [1, 2], "residual": [1, 1]})]})
+    assert data["sigma"]["mass"]["intra"] == (0.0, 0.0)
+    assert data["sigma"]["mass"]["global"] == pytest.approx((0.5, 0.1))
+    np.testing.assert_allclose(data["sigma"]["contamination"]["intra"][0], [0, 0.3])
+    assert "intra" not in data["standard"]["mass"] and "intra" not in data["standard"]["contamination"]
+    fig = viz.latte_summary_figure({"sigma": [probe(0.0, 0.4, {"intra": [0, 0.2], "global": [1, 1], "residual": [0.5, 0.7]})]})
+    assert len(fig.axes) == 2
+
+
+def test_mask_figures_draw_the_masks_they_are_given():
+    ids = sr.layout("T2 I3 T1")
+    fig = viz.mask_figure(ids)
+    shown = [ax.images[0].get_array() for ax in fig.axes]
+    np.testing.assert_array_equal(shown[0], sr.causal_mask(6).numpy())
+    np.testing.assert_array_equal(shown[1], sr.intra_mask(ids).numpy())
+    heads = viz.head_masks_figure(ids, 4, 1)
+    np.testing.assert_array_equal(heads.axes[0].images[0].get_array(), sr.intra_mask(ids).numpy())
+    np.testing.assert_array_equal(heads.axes[1].images[0].get_array(), sr.causal_mask(6).numpy())
+
+
+def test_other_figures_render():
+    probs = torch.rand(4, 6, 6)
+    viz.stream_attention_figure(probs, sr.layout("T2 I4"), 2).savefig(__import__("io").BytesIO())
+    tg = {"tokens": ["a"] * 5, "intra": np.random.rand(2, 5), "global": np.random.rand(2, 5)}
+    viz.token_gates_figure(tg).savefig(__import__("io").BytesIO())
+    with pytest.raises(ValueError, match="no gates"):
+        viz.token_gates_figure({"tokens": ["a"]})
+    history = [{"step": s, "gates": [{"intra": {"text": 0.7, "image": 0.5}, "global": {"text": 0.3, "image": 0.5}}]}
+               for s in (0, 10)]
+    fig = viz.gates_over_training_figure(history)
+    assert len(fig.axes[0].lines) == 4
+    runs = {"sigma": [{"dilution": {"blank": {"0": 1.0, "16": 0.5, "64": 0.2}}}] * 2}
+    fig = viz.dilution_figure(runs)
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [1.0, 0.5, 0.2])
+
+
+@pytest.mark.parametrize("split", range(0, 9))
+def test_head_split_callback(split):
+    fig, numbers = widgets.head_split_view(split)
+    assert len(fig.axes) == 8
+    if split > 0:
+        assert numbers["intra_change"] == 0.0 and numbers["intra_mass"] == 0.0
+    if split < 8:
+        assert numbers["global_change"] > 0 and numbers["global_mass"] > 0
+
+
+@pytest.mark.parametrize("spec", ["T4 I8 T4 I4", "T1", "I5", "T1 I1 T1 I1 T1"])
+def test_layout_callback(spec):
+    fig, numbers = widgets.layout_view(spec)
+    ids = sr.layout(spec)
+    counts = [int((ids == m).sum()) for m in (0, 1)]
+    assert numbers["intra_pairs"] == sum(c * (c + 1) // 2 for c in counts)
+
+
+def test_layout_callback_rejects_bad_layouts():
+    with pytest.raises(ValueError, match="layout"):
+        widgets.layout_view("T4 X2")
+
+
+def test_bias_callback_moves_the_gates_the_right_way():
+    shares, gates = [], []
+    for global_text in (-4.0, -2.0, 0.0, 2.0, 4.0):
+        fig, numbers = widgets.bias_view(1.0, 0.0, global_text, 0.0)
+        shares.append(numbers["global_share_text"])
+        gates.append(numbers["gate_global_text"])
+    assert shares == sorted(shares) and gates == sorted(gates)
+    _, a = widgets.bias_view(3.0, 0.0, 0.0, 0.0)
+    _, b = widgets.bias_view(-3.0, 0.0, 0.0, 0.0)
+    assert a["gate_intra_text"] > 0.9 > 0.1 > b["gate_intra_text"]
+    assert a["gate_intra_image"] == b["gate_intra_image"]      # the image row is untouched
+
+
+def test_panels_show_errors_inside_their_output():
+    pytest.importorskip("ipywidgets")
+    panel = widgets.layout_panel("T2 I2")
+    box, output = panel.children
+    box.value = "not a layout"
+    assert any(o.get("output_type") == "error" and "layout" in o.get("evalue", "") for o in output.outputs)
+    box.value = "T3 I3"
+    assert not any(o.get("output_type") == "error" for o in output.outputs)
+    split_panel = widgets.head_split_panel(num_heads=4)
+    slider, out = split_panel.children
+    slider.value = 1
+    assert not any(o.get("output_type") == "error" for o in out.outputs)

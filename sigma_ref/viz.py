@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ def _labels(modality_ids) -> list[str]:
 
 def plot_mask(mask, modality_ids, ax=None, title: str = "") -> plt.Axes:
     """One [S, S] boolean mask: query rows, key columns, dark where attention is allowed."""
-    mask = torch.as_tensor(mask).bool().cpu().numpy()
+    mask = torch.as_tensor(mask).detach().bool().cpu().numpy()
     ax = ax or plt.figure(figsize=(4, 4)).add_subplot()
     ax.imshow(mask, cmap="Greys", vmin=0, vmax=1.4, interpolation="nearest")
     n = mask.shape[0]
@@ -74,7 +75,7 @@ def head_masks_figure(modality_ids, num_heads: int, num_intra_heads: int) -> plt
 
 def stream_attention_figure(attn_probs, modality_ids, num_intra_heads: int, title: str = "") -> plt.Figure:
     """Mean attention map of each stream for one sequence ([H, S, S] probabilities)."""
-    probs = torch.as_tensor(attn_probs).float()
+    probs = torch.as_tensor(attn_probs).detach().float()
     streams = [("intra", probs[:num_intra_heads]), ("global", probs[num_intra_heads:])]
     streams = [(name, p) for name, p in streams if len(p)]
     fig, axes = plt.subplots(1, len(streams), figsize=(4.2 * len(streams), 4), constrained_layout=True, squeeze=False)
@@ -173,7 +174,7 @@ def latte_summary_figure(probes_by_model: dict[str, list[dict]]) -> plt.Figure:
             colours.append(MODEL_COLOURS.get(model, "k"))
     left.bar(range(len(bars)), bars, yerr=errs, color=colours, capsize=3)
     left.set_xticks(range(len(bars)), labels, fontsize=8)
-    left.set_ylabel("attention mass, text queries on image keys")
+    left.set_ylabel("text queries' attention on image keys")
     left.set_title("what mixes: cross-modal attention per stream")
     for i, b in enumerate(bars):
         left.annotate(f"{b:.2f}", (i, b), ha="center", va="bottom", fontsize=8)
@@ -184,7 +185,8 @@ def latte_summary_figure(probes_by_model: dict[str, list[dict]]) -> plt.Figure:
             right.errorbar(layers, mean, yerr=std, linestyle=styles[kind], marker="o", capsize=3,
                            color=MODEL_COLOURS.get(model, "k"), label=f"{model} {kind}")
     right.set_xlabel("layer")
-    right.set_ylabel("relative change of text tokens when the image changes")
+    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    right.set_ylabel("relative change of text tokens\nwhen the image changes")
     right.set_title("what stays pure: contamination of text tokens")
     right.legend(fontsize=7, ncol=2)
     fig.suptitle("The latte, measured (mean ± std over seeds)")
@@ -198,6 +200,7 @@ def seeds_errorbar_figure(values_by_model: dict[str, list], x, xlabel: str, ylab
         mean, std = _mean_std(per_seed)
         ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=MODEL_COLOURS.get(model, "k"), label=model)
     ax.set_xlabel(xlabel)
+    ax.set_xticks(list(x))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()

@@ -114,9 +114,10 @@ def sigma_attention(
     if resolved == "flex":
         # One FlexAttention call for all heads: the BlockMask knows which heads are intra.
         return _flex(q, k, v, _flex_block_mask(modality_ids, num_intra_heads, q)), None
-    if resolved == "sdpa" and 0 < num_intra_heads < num_heads:
-        # One SDPA call with a per-head mask [B, H, S, S]: at short lengths (the tiny model) a second kernel
-        # call and the split / cat around it cost more than the whole attention.
+    if resolved == "sdpa" and 0 < num_intra_heads < num_heads and q.shape[2] < PACKED_MIN_LENGTH:
+        # Short sequences (the tiny model): one SDPA call with a per-head mask [B, H, S, S], because a second
+        # kernel call and the split / cat around it cost more than the attention itself. Long ones keep the
+        # global heads on the mask-free causal kernel (below), which a dense mask would slow down.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_sigma_dense_mask(modality_ids, num_intra_heads, num_heads)), None
     if num_intra_heads in (0, num_heads):      # one stream only: no split, no cat
         groups = modality_ids if num_intra_heads else None

@@ -134,6 +134,7 @@ class Trainer:
         self.step = 0
         self.loss_curve: list[tuple[int, float]] = []
         self.gate_history: list[dict] = []
+        self.validation_curve: list[tuple[int, float]] = []
         self.train_seconds = 0.0
 
     @property
@@ -143,7 +144,8 @@ class Trainer:
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "loss_curve": self.loss_curve, "gate_history": self.gate_history,
-                "train_seconds": self.train_seconds, "data_rng": self.stream.rng.getstate(),
+                "validation_curve": self.validation_curve, "train_seconds": self.train_seconds,
+                "data_rng": self.stream.rng.getstate(),
                 "torch_rng": torch.get_rng_state(), "attention": self.attention, "config": asdict(self.config),
                 "model_config": asdict(self.model.config), "seed": self.seed}
 
@@ -156,6 +158,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.loss_curve = state["step"], [tuple(x) for x in state["loss_curve"]]
         self.gate_history, self.train_seconds = state["gate_history"], state["train_seconds"]
+        self.validation_curve = [tuple(x) for x in state["validation_curve"]]
         self.stream.rng.setstate(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
 
@@ -177,7 +180,8 @@ class Trainer:
         return loss.item()
 
     def run(self, stop_at: int | None = None, progress: bool = True) -> None:
-        """Train until step `stop_at` (default: config.steps), checkpointing and recording gates as it goes."""
+        """Train until step `stop_at` (default: config.steps). Every `eval_every` steps: the validation loss and
+        the mean gates on a fixed validation batch; every `checkpoint_every` steps: a checkpoint."""
         from tqdm.auto import tqdm
 
         from .probes import gate_means
@@ -195,6 +199,8 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.3f}")
             if self.step % self.config.eval_every == 0 or self.step == self.config.steps:
                 self.model.eval()
+                with torch.no_grad():
+                    self.validation_curve.append((self.step, self.model(probe_batch).loss.item()))
                 self.gate_history.append({"step": self.step, "gates": gate_means(self.model, probe_batch)})
             if self.checkpoint_path and (self.step % self.config.checkpoint_every == 0 or self.step == stop_at):
                 save_checkpoint(self.checkpoint_path, self.state())
@@ -282,8 +288,8 @@ def train_and_evaluate(attention: str, preset: str, seed: int, out_dir: str | Pa
                "parameters": trainer.model.num_parameters(), "train_seconds": trainer.train_seconds,
                "device": str(trainer.device) if trainer.device.type == "cpu" else torch.cuda.get_device_name(),
                **evaluate_all(trainer.model, config.eval_samples),
-               "loss_curve": trainer.loss_curve, "gate_history": trainer.gate_history,
-               "checkpoint": str(trainer.checkpoint_path)}       # as written; readers use run_dir()
+               "loss_curve": trainer.loss_curve, "validation_curve": trainer.validation_curve,
+               "gate_history": trainer.gate_history, "checkpoint": str(trainer.checkpoint_path)}       # as written; readers use run_dir()
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 

@@ -82,6 +82,7 @@ def test_same_seed_same_loss_curve_and_resume_continues_it(tmp_path):
     assert resumed.step == 8
     resumed.run(progress=False)
     assert resumed.loss_curve == straight.loss_curve
+    assert resumed.validation_curve == straight.validation_curve and len(straight.validation_curve) == 3
     assert not (tmp_path / "c" / "checkpoint.tmp").exists()
 
 
@@ -119,7 +120,7 @@ def test_metrics_json_has_every_field(tmp_path, monkeypatch):
     metrics = T.train_and_evaluate("sigma", "tiny", 0, tmp_path, progress=False, device="cpu")
     written = json.loads((tmp_path / "metrics.json").read_text())
     for key in ["caption_exact_match", "slot_accuracy", "compositional_exact_match", "text_only_accuracy",
-                "dilution", "train_seconds", "steps", "parameters", "loss_curve", "checkpoint"]:
+                "dilution", "train_seconds", "steps", "parameters", "loss_curve", "validation_curve", "checkpoint"]:
         assert key in written
     assert set(written["dilution"]["blank"]) == {"0", "16", "64"}
     assert set(written["slot_accuracy"]) >= {"size_1", "colour_1", "shape_1"}

@@ -1,5 +1,6 @@
 """The project's own files agree with each other: environment.yml, pyproject.toml, README, CI."""
 
+import json
 import re
 import subprocess
 import tomllib
@@ -53,3 +54,36 @@ def test_ci_installs_the_cpu_torch_and_keeps_an_installed_one():
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'import torch' in ci and "torch==2.13.0" in ci
     assert "chromium" in ci
+
+
+def readme_block(name: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- {name} -->\n(.*?)<!-- /{name} -->", text, re.S)
+    assert match, f"README.md has no {name} block"
+    return match.group(1).strip()
+
+
+def test_readme_compare_table_is_the_committed_run():
+    results_md = (ROOT / "results" / "cpu" / "results.md").read_text()
+    table = "\n".join(line for line in results_md.splitlines() if line.startswith("|"))
+    assert readme_block("compare-table") == table
+
+
+def test_readme_bench_tables_are_the_committed_benchmark():
+    from sigma_ref.bench import Table
+
+    results = json.loads((ROOT / "results" / "bench_cpu.json").read_text())
+    rendered = "\n\n".join(Table(t["title"], t["columns"], t["rows"]).markdown() for t in results["tables"])
+    assert readme_block("bench-tables") == rendered
+
+
+def test_readme_claims_match_the_committed_run():
+    runs = json.loads((ROOT / "results" / "cpu" / "results.json").read_text())["runs"]
+    mean = lambda attention, key: sum(r[key] for r in runs[attention]) / len(runs[attention])
+    assert round(mean("sigma", "caption_exact_match"), 3) == 0.989 >= 0.95
+    assert round(mean("standard", "caption_exact_match"), 3) == 0.983
+    assert round(mean("gated", "caption_exact_match"), 3) == 0.991
+    seconds = sorted(r["train_seconds"] for rs in runs.values() for r in rs)
+    assert round(seconds[0]) == 170 and round(seconds[6]) == 218 and [round(s) for s in seconds[7:]] == [319, 821]
+    assert all(r["dilution"]["noise"]["64"] == 0 for rs in runs.values() for r in rs)
+    assert all(r["text_only_accuracy"] == 1.0 for rs in runs.values() for r in rs)

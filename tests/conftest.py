@@ -3,6 +3,7 @@
 import os
 
 import hypothesis.strategies as st
+import pytest
 import torch
 from hypothesis import settings
 
@@ -36,3 +37,12 @@ def modality_rows(draw, max_batch=3, max_len=64):
             row = [0] * a + [1] * (b - a) + [0] * (seq_len - b)
         rows.append(row)
     return torch.tensor(rows, dtype=torch.long)
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Figures made by the code under test are closed after each test (pyplot keeps them otherwise)."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

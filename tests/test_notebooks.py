@@ -11,6 +11,7 @@ Two facts about headless notebook runs shape this file (see shared/DESIGN.md):
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 from queue import Empty
@@ -115,8 +116,8 @@ def test_notebook_structure(path):
     first = nb.cells[0]
     assert first.cell_type == "markdown" and "you will be able to" in first.source.lower()
     markdown = [c.source for c in nb.cells if c.cell_type == "markdown"]
-    assert any(s.lstrip().startswith("## Summary") for s in markdown), f"{path.name}: no summary"
-    assert any(s.lstrip().startswith("## Exercise") for s in markdown), f"{path.name}: no exercise"
+    assert any(re.search(r"^## Summary", s, re.M) for s in markdown), f"{path.name}: no summary"
+    assert any(re.search(r"^## Exercise", s, re.M) for s in markdown), f"{path.name}: no exercise"
     solutions = [c for c in nb.cells if "solution" in c.metadata.get("tags", [])]
     assert solutions and all(c.metadata.get("jupyter", {}).get("source_hidden") for c in solutions)
     assert "check_exercise" in nb.cells[-1].source or any("check" in c.metadata.get("tags", []) for c in nb.cells)

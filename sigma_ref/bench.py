@@ -42,11 +42,6 @@ def half_image_layout(n: int) -> torch.Tensor:
     return layout(f"T{quarter} I{n - 2 * quarter} T{quarter}")
 
 
-def median_seconds(fn, repeats: int, warmup: int = 1, sync=lambda: None) -> float:
-    """Median wall time of fn() over `repeats` runs after `warmup` untimed runs."""
-    return interleaved_medians({"fn": fn}, repeats, warmup, sync)["fn"]
-
-
 def interleaved_medians(fns: dict, repeats: int, warmup: int = 1, sync=lambda: None) -> dict:
     """Median wall time of each function, timed round-robin: A B C, A B C, ...
 

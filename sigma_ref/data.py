@@ -233,13 +233,21 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def training_batches(batch_size: int, seed: int, text_only_fraction: float = 0.25):
-    """An endless stream of training batches, reproducible from `seed`; seeds never overlap the fixed splits."""
-    rng = random.Random(TRAIN_SEED_BASE + seed)
-    while True:
-        scenes = [sample_scene(rng, "expand" if rng.random() < text_only_fraction else "describe")
-                  for _ in range(batch_size)]
-        yield collate([encode(s) for s in scenes])
+class DataStream:
+    """Endless training batches from a seeded generator whose position can be saved and restored.
+
+    Seeds start at TRAIN_SEED_BASE, far from the fixed splits' seeds (1-4). `rng.getstate()` is what a
+    checkpoint stores so that a resumed run sees exactly the batches it would have seen.
+    """
+
+    def __init__(self, batch_size: int, seed: int, text_only_fraction: float = 0.25):
+        self.batch_size, self.text_only_fraction = batch_size, text_only_fraction
+        self.rng = random.Random(TRAIN_SEED_BASE + seed)
+
+    def next(self) -> dict:
+        scenes = [sample_scene(self.rng, "expand" if self.rng.random() < self.text_only_fraction else "describe")
+                  for _ in range(self.batch_size)]
+        return collate([encode(s) for s in scenes])
 
 
 # ---------------------------------------------------------------------------------------------------

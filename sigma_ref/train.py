@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
+from .data import DataStream
 from .model import ModelConfig, TinyMLLM
 from .runtime import default_device
 
@@ -79,19 +79,6 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))      # 1 -> 0
     return config.lr * (1 - 0.9 * (1 - cosine))
-
-
-class DataStream:
-    """Training batches from a seeded generator whose position can be saved and restored."""
-
-    def __init__(self, batch_size: int, seed: int, text_only_fraction: float):
-        self.batch_size, self.text_only_fraction = batch_size, text_only_fraction
-        self.rng = random.Random(D.TRAIN_SEED_BASE + seed)
-
-    def next(self) -> dict:
-        scenes = [D.sample_scene(self.rng, "expand" if self.rng.random() < self.text_only_fraction else "describe")
-                  for _ in range(self.batch_size)]
-        return D.collate([D.encode(s) for s in scenes])
 
 
 def load_model(checkpoint: str | Path, device="cpu") -> TinyMLLM:

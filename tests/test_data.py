@@ -95,7 +95,9 @@ def test_encode_rejects_unknown_insert_kind():
 
 
 def test_training_stream_is_reproducible():
-    a, b = D.training_batches(8, seed=3), D.training_batches(8, seed=3)
-    x, y = next(a), next(b)
+    a, b = D.DataStream(8, seed=3), D.DataStream(8, seed=3)
+    x, y = a.next(), b.next()
     assert all(torch.equal(x[k], y[k]) for k in x)
-    assert not torch.equal(next(D.training_batches(8, seed=4))["tokens"], x["tokens"])
+    assert not torch.equal(D.DataStream(8, seed=4).next()["tokens"], x["tokens"])
+    b.rng.setstate(a.rng.getstate())                     # restoring the state continues the same stream
+    assert torch.equal(a.next()["tokens"], b.next()["tokens"])

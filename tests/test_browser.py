@@ -209,10 +209,15 @@ def move_slider(page, index: int, key: str, presses: int, expected_readout: str)
 
 def wait_for_new_figure(page, output, before: bytes) -> bytes:
     """The panel redraws asynchronously: poll the figure until its pixels change (or time out)."""
-    deadline = time.monotonic() + 60
+    from playwright.sync_api import Error as PlaywrightError
+
+    after, deadline = before, time.monotonic() + 60
     while time.monotonic() < deadline:
         page.wait_for_timeout(500)
-        after = image_bytes(output.locator("img").first)
+        try:
+            after = image_bytes(output.locator("img").first)
+        except PlaywrightError:          # the Output widget is swapping its image right now: look again
+            continue
         if changed_fraction(before, after) > 0.005:
             return after
     return after

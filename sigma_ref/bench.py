@@ -82,7 +82,8 @@ def kernel_case(name: str, n: int, device, dtype, backward: bool):
         run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     elif name == "flash causal (all heads)":
         fns = kernels.flash_functions()
-        run = lambda: fns.func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        # flash-attn works on [B, S, H, d]; transpose in and out so every case returns [B, H, S, d].
+        run = lambda: fns.func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
     else:
         backend = name.split()[1]                    # "SIGMA packed" -> "packed"
         run = lambda: kernels.sigma_attention(q, k, v, ids, BENCH_HEADS // 2, backend=backend)[0]
@@ -93,11 +94,7 @@ def kernel_case(name: str, n: int, device, dtype, backward: bool):
         return forward
     grad = torch.randn(1, BENCH_HEADS, n, BENCH_HEAD_DIM, device=device, dtype=dtype)
 
-    def forward_backward():
-        out = run()
-        out = out.transpose(1, 2) if out.shape[1] != BENCH_HEADS else out
-        torch.autograd.grad(out, (q, k, v), grad.transpose(1, 2) if out.shape[1] != BENCH_HEADS else grad)
-    return forward_backward
+    return lambda: torch.autograd.grad(run(), (q, k, v), grad)
 
 
 def module_case(kind: str, n: int, device, dtype, backward: bool):

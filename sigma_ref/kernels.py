@@ -29,7 +29,7 @@ THE BACKENDS, from "easiest to read" to "fastest":
 `sigma_attention` applies the contract to SIGMA's two head groups: heads 0..h-1 with the modality groups
 (intra stream), heads h..H-1 with one group (global stream).
 
-Run `python -m sigma_ref.kernels` to check every available backend against `math` on a random layout.
+Run `python -m sigma_ref demo kernels` to check every available backend against `math` on a random layout.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .masks import causal_mask_mod, layout, sigma_mask, sigma_mask_mod
 
 BACKENDS = ("auto", "math", "sdpa", "packed", "flex", "flash")
 
@@ -199,10 +201,7 @@ def _sigma_dense_mask(modality_ids, num_intra_heads, num_heads):
     key = (modality_ids._version, num_intra_heads, num_heads)
     if _last_dense_mask and _last_dense_mask[0] is modality_ids and _last_dense_mask[1] == key:
         return _last_dense_mask[2]
-    intra = allowed_mask(modality_ids, modality_ids.shape[1], modality_ids.device)          # [B, 1, S, S]
-    causal = allowed_mask(None, modality_ids.shape[1], modality_ids.device)                 # [1, 1, S, S]
-    is_intra = (torch.arange(num_heads, device=modality_ids.device) < num_intra_heads)[None, :, None, None]
-    mask = torch.where(is_intra, intra, causal)
+    mask = sigma_mask(modality_ids, num_heads, num_intra_heads)                             # [B, H, S, S]
     _last_dense_mask = (modality_ids, key, mask)
     return mask
 
@@ -460,8 +459,6 @@ def _flex_block_mask(group_ids, num_intra_heads, q):
     """One BlockMask for all heads of one layout, cached by (layout, split, shape, device)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from .masks import causal_mask_mod, sigma_mask_mod
-
     batch, heads, seq_len, _ = q.shape
     ids_key = None if group_ids is None else tuple(group_ids.flatten().tolist())
     key = (ids_key, num_intra_heads, batch, heads, seq_len, str(q.device))
@@ -509,8 +506,6 @@ def _check_group_ids(group_ids, q):
 
 
 def _demo() -> None:
-    from .masks import layout
-
     torch.manual_seed(0)
     ids = layout("T5 I12 T3 I6 T6")[None]
     q, k, v = torch.randn(3, 1, 4, ids.shape[1], 32).unbind(0)

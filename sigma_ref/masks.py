@@ -14,7 +14,7 @@ A sequence's modalities are a LongTensor of ids, TEXT = 0 and IMAGE = 1; `layout
 writes one from a short string. Right padding needs no mask of its own: with causal attention a
 real token never looks to its right, so padding at the end of a row cannot reach it.
 
-Run `python -m sigma_ref.masks` to print the masks of a small interleaved layout.
+Run `python -m sigma_ref demo masks` to print the masks of a small interleaved layout.
 """
 
 from __future__ import annotations

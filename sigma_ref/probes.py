@@ -27,6 +27,7 @@ from . import data as D
 from .masks import IMAGE, TEXT
 
 MODALITIES = {"text": TEXT, "image": IMAGE}
+DILUTION_TOKENS = (0, 16, 64)          # image tokens inserted into the text-only task
 CONTENT_WORDS = frozenset(D.COLOURS) | frozenset(D.SHAPES) | frozenset(D.SIZES)
 
 
@@ -197,7 +198,7 @@ def attention_sinks(model, batch: dict) -> dict:
     return {"first_token": np.array(first), "max_activation": np.array(peak)}
 
 
-def dilution(model, scenes: list[dict] | None = None, counts=(0, 16, 64), kinds=("blank", "noise")) -> dict:
+def dilution(model, scenes: list[dict] | None = None, counts=DILUTION_TOKENS, kinds=("blank", "noise")) -> dict:
     """Text-only accuracy and loss with image tokens inserted: {kind: {count: {"accuracy", "loss"}}}."""
     from .train import evaluate
 

@@ -240,23 +240,20 @@ def evaluate(model: TinyMLLM, scenes: list[dict], inserted: int = 0, kind: str =
                          for p, e in list(zip(predictions, examples))[:8]]}
 
 
-DILUTION_TOKENS = (0, 16, 64)
-
-
 def evaluate_all(model: TinyMLLM, samples: int) -> dict:
     """Every metric of metrics.json that comes from the model (not from the training run)."""
+    from .probes import dilution as measure_dilution
+
     test = evaluate(model, D.load_split("test")[:samples])
-    text_only = D.load_split("text_only")[:samples]
-    dilution = {kind: {str(n): evaluate(model, text_only, n, kind) for n in DILUTION_TOKENS}
-                for kind in ("blank", "noise")}
+    dilution = measure_dilution(model, D.load_split("text_only")[:samples])
     return {
         "caption_exact_match": test["exact_match"],
         "slot_accuracy": test["slot_accuracy"],
         "test_loss": test["loss"],
         "compositional_exact_match": evaluate(model, D.load_split("compositional")[:samples])["exact_match"],
-        "text_only_accuracy": dilution["blank"]["0"]["exact_match"],
-        "dilution": {kind: {n: r["exact_match"] for n, r in rows.items()} for kind, rows in dilution.items()},
-        "dilution_loss": {kind: {n: r["loss"] for n, r in rows.items()} for kind, rows in dilution.items()},
+        "text_only_accuracy": dilution["blank"][0]["accuracy"],
+        "dilution": {kind: {str(n): r["accuracy"] for n, r in rows.items()} for kind, rows in dilution.items()},
+        "dilution_loss": {kind: {str(n): r["loss"] for n, r in rows.items()} for kind, rows in dilution.items()},
         "samples": test["examples"],
     }
 

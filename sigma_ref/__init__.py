@@ -5,9 +5,29 @@
     attn = sr.SigmaAttention(sr.AttentionConfig(hidden_size=128, num_heads=8))
     y, details = attn(x, ids, return_details=True)     # x: [B, S, 128]
 
-One concept per module: masks, kernels, attention (this is the core); model, data, train, probes, viz,
-widgets and bench build on it.
+The package map, one concept per module, imports flowing one way (each module imports only modules above it):
+
+    masks         modality ids, layouts, the causal / intra / per-head masks, FlexAttention mask_mods
+    kernels/      causal attention within groups: the contract and ONE dispatcher; one file per backend
+    attention     AttentionConfig, StandardAttention, GatedAttention (Qwen G1), SigmaAttention
+    model         TinyMLLM: embeddings, pre-norm blocks with a pluggable attention, generate()
+    data          the toy captioning set: scenes, vocabulary, encoding, training stream, shipped splits
+    evaluate      exact match, slot accuracy, dilution; loading a trained model
+    probes        latte measurements: cross-modal mass, contamination, gates, sinks
+    train         TrainConfig, presets, Trainer, checkpoints
+    viz           matplotlib figures drawn from arrays and results
+    experiments   ensure_trained, compare, summary tables, which figures a run gets
+    widgets       ipywidgets panels over plain, tested callbacks
+    bench         attention, memory and training-step benchmarks
+    runtime       fast mode, device, where runs live, atomic writes (used by every floor; imports none)
+
+`import sigma_ref` loads the core (masks, kernels, attention) only; every other module is imported on first
+use (`sr.viz`, `sr.train`, ...), so matplotlib and ipywidgets load only when a figure or widget is asked for.
 """
+
+from __future__ import annotations
+
+import importlib
 
 from .attention import (
     DEFAULT_BIAS_INIT,
@@ -20,7 +40,7 @@ from .attention import (
     StandardAttention,
     make_attention,
 )
-from .kernels import BACKENDS, grouped_causal_attention, sigma_attention
+from .kernels import BACKENDS, GroupLayout, grouped_causal_attention, sigma_attention
 from .masks import (
     IMAGE,
     NUM_MODALITIES,
@@ -35,6 +55,21 @@ from .masks import (
     sigma_mask_mod,
 )
 from .runtime import course_preset, course_seeds, fast_mode
-from . import attention, bench, data, kernels, masks, model, probes, runtime, train, viz, widgets  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_LAZY_MODULES = ("model", "data", "evaluate", "probes", "train", "viz", "experiments", "widgets", "bench", "runtime")
+_LAZY_NAMES = {"TinyMLLM": "model", "ModelConfig": "model"}
+
+
+def __getattr__(name: str):
+    """Import the heavier submodules (and a few names from them) on first use: `sr.viz`, `sr.TinyMLLM`."""
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module 'sigma_ref' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_MODULES) | set(_LAZY_NAMES))

@@ -6,10 +6,10 @@ import argparse
 import json
 import sys
 
+from . import bench, data, experiments, kernels, masks
+
 
 def _bench(args) -> None:
-    from . import bench
-
     results = bench.run(sizes=args.sizes, repeats=args.repeats, memory=not args.no_memory,
                         crossover=args.crossover, train_step=args.train_step)
     if args.out:
@@ -18,32 +18,21 @@ def _bench(args) -> None:
 
 
 def _train(args) -> None:
-    from . import train
-
-    metrics = train.train_and_evaluate(args.attention, args.preset, args.seed, args.out, backend=args.backend,
+    metrics = experiments.train_and_evaluate(args.attention, args.preset, args.seed, args.out, backend=args.backend,
                                        resume=args.resume)
     print(json.dumps({k: v for k, v in metrics.items() if k != "loss_curve"}, indent=2))
 
 
 def _compare(args) -> None:
-    from . import train
-
-    train.compare(args.preset, args.seeds, args.out, attentions=args.attentions, backend=args.backend)
+    experiments.compare(args.preset, args.seeds, args.out, attentions=args.attentions, backend=args.backend)
 
 
 def _figures(args) -> None:
-    from pathlib import Path
-
-    from .viz import write_compare_figures
-
-    runs = json.loads((Path(args.dir) / "results.json").read_text())["runs"]
-    for path in write_compare_figures(runs, args.dir):
+    for path in experiments.write_compare_figures(experiments.load_results(args.dir), args.dir):
         print(f"wrote {path}")
 
 
 def _data(args) -> None:
-    from . import data
-
     directory = args.dir or data.DATA_DIR
     if args.regenerate:
         data.write_splits(directory)
@@ -56,8 +45,6 @@ def _data(args) -> None:
 
 
 def _demo(args) -> None:
-    from . import kernels, masks
-
     {"masks": masks._demo, "kernels": kernels._demo}[args.what]()
 
 
@@ -99,7 +86,7 @@ def main(argv=None) -> None:
     p = commands.add_parser("data", help="check (or regenerate) the shipped evaluation splits")
     p.add_argument("--check", action="store_true", help="verify every file against the data card (default)")
     p.add_argument("--regenerate", action="store_true", help="rewrite the splits and the data card")
-    p.add_argument("--dir", default=None, help="data directory (default: the repository's data/)")
+    p.add_argument("--dir", default=None, help="data directory (default: the shipped sigma_ref/splits/)")
     p.set_defaults(run=_data)
 
     p = commands.add_parser("demo", help="print a module's own small demo")

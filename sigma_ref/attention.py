@@ -26,6 +26,7 @@ embeddings, which keeps the attention code about attention.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -117,6 +118,8 @@ def _check_bias_init(bias_init) -> tuple:
         for value in row:
             if not isinstance(value, numbers.Real) or isinstance(value, bool):
                 raise ValueError(f"bias_init entries must be real numbers, got {value!r} in {bias_init!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"bias_init entries must be finite, got {value!r} in {bias_init!r}")
     return tuple(tuple(float(v) for v in row) for row in rows)
 
 
@@ -147,10 +150,24 @@ class KVCache:
     def append(self, k, v, modality_ids):
         if self.k is None:
             self.k, self.v, self.modality_ids = k, v, modality_ids
-        else:
-            self.k = torch.cat([self.k, k], dim=2)
-            self.v = torch.cat([self.v, v], dim=2)
-            self.modality_ids = torch.cat([self.modality_ids, modality_ids], dim=1)
+            return
+        if k.shape[0] != self.k.shape[0]:
+            raise ValueError(f"cache holds a batch of {self.k.shape[0]} rows but this call has {k.shape[0]}; "
+                             "use a fresh KVCache for each batch")
+        self.k = torch.cat([self.k, k], dim=2)
+        self.v = torch.cat([self.v, v], dim=2)
+        self.modality_ids = torch.cat([self.modality_ids, modality_ids], dim=1)
+
+
+def prepare_layout(modality_ids, x: torch.Tensor, valid=None) -> kernels.GroupLayout:
+    """Check modality ids ([S] or [B, S], values in 0..NUM_MODALITIES-1) against x [B, S, D]; the layout
+    every layer of one forward shares. `valid` [B, S] bool marks right padding (False)."""
+    ids = validate_modality_ids(modality_ids, "modality_ids")
+    batch, seq_len = x.shape[:2]
+    if ids.dim() not in (1, 2) or ids.shape[-1] != seq_len or (ids.dim() == 2 and ids.shape[0] != batch):
+        raise ValueError(f"modality_ids must have shape [seq] = [{seq_len}] or [batch, seq] = [{batch}, {seq_len}] "
+                         f"to match x of shape {list(x.shape)}, got {list(modality_ids.shape)}")
+    return kernels.GroupLayout.of(ids, batch, seq_len, x.device, valid, name="modality_ids")
 
 
 class _Attention(nn.Module):
@@ -169,20 +186,25 @@ class _Attention(nn.Module):
         self.v_proj = nn.Linear(D, D, bias=False)
         self.o_proj = nn.Linear(D, D, bias=False)
 
-    def _inputs(self, x, modality_ids):
-        """Check x and modality_ids; return modality_ids as a long tensor of shape [B, S]."""
+    def _inputs(self, x, modality_ids, valid=None) -> kernels.GroupLayout:
+        """Check x against this module and return the batch's GroupLayout (ids checked once, here)."""
         D = self.config.hidden_size
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != D:
             shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a tensor of shape [batch, seq, hidden_size={D}], got {shape}")
-        ids = validate_modality_ids(modality_ids, "modality_ids")
-        batch, seq_len = x.shape[:2]
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0).expand(batch, -1)
-        if ids.dim() != 2 or tuple(ids.shape) != (batch, seq_len):
-            raise ValueError(f"modality_ids must have shape [seq] = [{seq_len}] or [batch, seq] = [{batch}, {seq_len}] "
-                             f"to match x of shape {list(x.shape)}, got {list(modality_ids.shape)}")
-        return ids.to(x.device)
+        weight = self.q_proj.weight
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the module's parameters are on {weight.device}; "
+                             f"move one of them (x.to({str(weight.device)!r}) or module.to({str(x.device)!r}))")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"x has dtype {x.dtype} but the module's parameters are {weight.dtype}; cast one of "
+                             f"them (x.to({weight.dtype}) or module.to({x.dtype})) or run under torch.autocast")
+        if isinstance(modality_ids, kernels.GroupLayout):
+            if (modality_ids.batch, modality_ids.seq_len) != tuple(x.shape[:2]):
+                raise ValueError(f"modality_ids is a GroupLayout for [batch, seq] = [{modality_ids.batch}, "
+                                 f"{modality_ids.seq_len}], but x has [batch, seq] = {list(x.shape[:2])}")
+            return modality_ids
+        return prepare_layout(modality_ids, x, valid)
 
     def _heads(self, x):
         """Project and split into heads: x [B, S, D] -> q, k, v [B, H, S, d]."""
@@ -190,23 +212,23 @@ class _Attention(nn.Module):
         H, d = self.config.num_heads, self.config.head_dim
         return [proj(x).view(B, S, H, d).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)]
 
-    def _attend(self, x, ids, return_details, cache):
+    def _attend(self, x, layout: kernels.GroupLayout, return_details, cache):
         """Per-head attention output, heads concatenated: [B, S, D], and the probabilities if asked for.
 
         With a `KVCache`, x holds only the NEW positions: their keys and values are appended to the cache and
         they attend over everything cached (the same masks, so the intra stream stays pure while decoding).
         """
         q, k, v = self._heads(x)
+        if cache is not None:
+            first_call = cache.k is None
+            cache.append(k, v, layout.ids)
+            if not first_call:
+                out = kernels.sigma_decode_attention(q, cache.k, cache.v, cache.modality_ids, self.num_intra_heads)
+                B, H, S, d = out.shape
+                return out.transpose(1, 2).reshape(B, S, H * d), None
         want_probs = return_details and self.config.backend == "math"
-        if cache is not None and cache.k is not None:
-            cache.append(k, v, ids)
-            out = kernels.sigma_attention_with_past(q, cache.k, cache.v, cache.modality_ids, self.num_intra_heads)
-            probs = None
-        else:
-            if cache is not None:
-                cache.append(k, v, ids)
-            out, probs = kernels.sigma_attention(q, k, v, ids, self.num_intra_heads, backend=self.config.backend,
-                                                 return_probs=want_probs)
+        out, probs = kernels.sigma_attention(q, k, v, layout, self.num_intra_heads, backend=self.config.backend,
+                                             return_probs=want_probs)
         B, H, S, d = out.shape
         return out.transpose(1, 2).reshape(B, S, H * d), probs
 
@@ -224,9 +246,9 @@ class StandardAttention(_Attention):
     the result: every head sees every earlier token.
     """
 
-    def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None):
-        ids = self._inputs(x, modality_ids)
-        o, probs = self._attend(x, ids, return_details, cache)                   # [B, S, D]
+    def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None, valid=None):
+        layout = self._inputs(x, modality_ids, valid)
+        o, probs = self._attend(x, layout, return_details, cache)                   # [B, S, D]
         return self._finish(o, o[..., :0], o, None, None, probs, return_details)
 
 
@@ -243,9 +265,9 @@ class GatedAttention(_Attention):
         gate_width = config.num_heads if config.headwise_gate else config.hidden_size
         self.gate_proj = nn.Linear(config.hidden_size, gate_width, bias=False)
 
-    def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None):
-        ids = self._inputs(x, modality_ids)
-        o, probs = self._attend(x, ids, return_details, cache)                   # [B, S, D]
+    def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None, valid=None):
+        layout = self._inputs(x, modality_ids, valid)
+        o, probs = self._attend(x, layout, return_details, cache)                   # [B, S, D]
         gate = torch.sigmoid(self.gate_proj(x))                           # [B, S, D] or [B, S, H]
         if self.config.headwise_gate:
             B, S, H = gate.shape
@@ -318,10 +340,10 @@ class SigmaAttention(_Attention):
             logits = logits + F.embedding(modality_ids, table)       # = table[modality_ids], faster backward
         return torch.sigmoid(logits)
 
-    def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None):
-        ids = self._inputs(x, modality_ids)
-        o, probs = self._attend(x, ids, return_details, cache)            # [B, S, D], intra heads first
-        g = self.gates(x, ids)                                            # [B, S, D] or None
+    def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None, valid=None):
+        layout = self._inputs(x, modality_ids, valid)
+        o, probs = self._attend(x, layout, return_details, cache)            # [B, S, D], intra heads first
+        g = self.gates(x, layout.ids)                                     # [B, S, D] or None
         gated = o if g is None else o * g                                 # = cat(g_intra*o_intra, g_global*o_global)
         if not return_details:
             return self.o_proj(gated)

@@ -19,7 +19,6 @@ torch.cuda.max_memory_allocated (CUDA); inputs, outputs and gradients are includ
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,9 +27,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tqdm.auto import tqdm
+
 from . import kernels
-from .attention import AttentionConfig, make_attention
+from .attention import ATTENTIONS, AttentionConfig, make_attention
+from .data import DataStream
 from .masks import layout
+from .runtime import machine_description
+from .train import Trainer, get_preset
 
 BENCH_HEADS, BENCH_HEAD_DIM = 8, 64
 DEFAULT_SIZES = (512, 2048, 4096, 8192)
@@ -81,9 +85,9 @@ def kernel_case(name: str, n: int, device, dtype, backward: bool):
     if name == "standard causal SDPA":
         run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     elif name == "flash causal (all heads)":
-        fns = kernels.flash_functions()
+        impl = kernels.flash.implementation(device.type)
         # flash-attn works on [B, S, H, d]; transpose in and out so every case returns [B, H, S, d].
-        run = lambda: fns.func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+        run = lambda: impl.func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
     else:
         backend = name.split()[1]                    # "SIGMA packed" -> "packed"
         run = lambda: kernels.sigma_attention(q, k, v, ids, BENCH_HEADS // 2, backend=backend)[0]
@@ -152,8 +156,6 @@ class Table:
 
 def timing_table(sizes, device, dtype, repeats, progress=True) -> Table:
     """Median ms and ratio to standard causal SDPA, forward and forward+backward, kernels then modules."""
-    from tqdm.auto import tqdm
-
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     names = available_kernels(device, dtype)
     modules = ["StandardAttention module", "GatedAttention module", "SigmaAttention module"]
@@ -214,8 +216,6 @@ def peak_memory_bytes(maker: str, what: str, n: int, device) -> int:
 
 
 def memory_table(sizes, device, progress=True) -> Table:
-    from tqdm.auto import tqdm
-
     cases = [("kernel_case", "standard causal SDPA"), ("kernel_case", "SIGMA sdpa (dense mask)"),
              ("kernel_case", "SIGMA packed"), ("module_case", "standard"), ("module_case", "sigma")]
     if device.type == "cuda" and "SIGMA flash" in available_kernels(device, torch.bfloat16):
@@ -233,8 +233,6 @@ def memory_table(sizes, device, progress=True) -> Table:
 
 def crossover_table(sizes=(64, 128, 256, 384, 512, 1024), repeats=20, progress=True) -> Table:
     """packed vs dense-mask sdpa for the intra heads at short lengths: where does packing start to pay?"""
-    from tqdm.auto import tqdm
-
     table = Table("Crossover: SIGMA packed vs SIGMA dense-mask sdpa, fwd+bwd, CPU fp32 (median ms)",
                   ["N", "sdpa ms", "packed ms", "packed / sdpa"])
     device = torch.device("cpu")
@@ -245,17 +243,21 @@ def crossover_table(sizes=(64, 128, 256, 384, 512, 1024), repeats=20, progress=T
     return table
 
 
-def machine_description() -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+def training_step_table(progress: bool = True, preset: str = "cpu", repeats: int = 50):
+    """Median training-step time of the tiny model for each attention (auto backend), ratio to standard."""
+    config = get_preset(preset)
+    table = Table(f"Tiny-model training step, preset {preset} (D={config.hidden_size}, L={config.num_layers}, "
+                  f"H={config.num_heads}, batch {config.batch_size}), median ms, timed round-robin",
+                  ["attention", "step ms", "ratio"])
+    batch = DataStream(config.batch_size, 0, config.text_only_fraction).next()
+    steps = {}
+    for attention in tqdm(ATTENTIONS, desc="train step", disable=not progress):
+        trainer = Trainer(attention, config, 0, device="cpu")
+        steps[attention] = lambda trainer=trainer: trainer.train_step(batch)
+    seconds = interleaved_medians(steps, repeats, warmup=3)
+    for attention, t in seconds.items():
+        table.rows.append([attention, t * 1e3, t / seconds["standard"]])
+    return table
 
 
 def run(sizes=DEFAULT_SIZES, repeats=5, memory=True, crossover=False, train_step=False, progress=True) -> dict:
@@ -271,7 +273,6 @@ def run(sizes=DEFAULT_SIZES, repeats=5, memory=True, crossover=False, train_step
     if crossover:
         add(crossover_table(progress=progress))
     if train_step:
-        from .train import training_step_table
         add(training_step_table(progress=progress))
     if sizes:
         add(timing_table(sizes, device, torch.float32, repeats, progress))

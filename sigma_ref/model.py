@@ -23,14 +23,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data as D
-from .attention import DEFAULT_BIAS_INIT, AttentionConfig, KVCache, make_attention
-from .masks import IMAGE, TEXT
+from .attention import DEFAULT_BIAS_INIT, AttentionConfig, KVCache, make_attention, prepare_layout
+from .masks import IMAGE, NUM_MODALITIES, TEXT
 
 
 @dataclass
 class ModelConfig:
-    """Sizes of a TinyMLLM and the attention its blocks use."""
+    """Sizes of a TinyMLLM, the attention its blocks use, and its tokenizer's facts.
+
+    The model knows no vocabulary: `vocab_size` and the special token ids come in here, so the same model
+    serves any tokenizer. For the course's toy set: `ModelConfig(attention=..., **sigma_ref.data.model_fields())`.
+    """
 
     attention: str = "sigma"                 # "standard", "gated" or "sigma"
     hidden_size: int = 128
@@ -43,9 +46,24 @@ class ModelConfig:
     backend: str = "auto"
     mlp_ratio: int = 4
     max_text_positions: int = 64
-    vocab_size: int = len(D.VOCAB)
-    patch_dim: int = D.PATCH_DIM
-    grid: int = D.GRID
+    vocab_size: int | None = None            # the tokenizer's: required
+    pad_id: int | None = None                # right padding in a batch
+    eos_id: int | None = None                # generate() stops a row here
+    answer_id: int | None = None             # every prompt given to generate() ends with it
+    ignore_index: int = -100                 # target value the loss skips
+    patch_dim: int = 192                     # flattened image patch (8 x 8 x RGB)
+    grid: int = 4                            # patches per image side: patch positions are (row, column)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "pad_id", "eos_id", "answer_id"):
+            value = getattr(self, name)
+            low = 1 if name == "vocab_size" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"ModelConfig.{name} must be an int >= {low} from your tokenizer, got {value!r} "
+                                 "(the toy set's: ModelConfig(..., **sigma_ref.data.model_fields()))")
+        for name in ("pad_id", "eos_id", "answer_id"):
+            if getattr(self, name) >= self.vocab_size:
+                raise ValueError(f"ModelConfig.{name} = {getattr(self, name)} is not below vocab_size = {self.vocab_size}")
 
     def attention_config(self) -> AttentionConfig:
         return AttentionConfig(hidden_size=self.hidden_size, num_heads=self.num_heads,
@@ -90,7 +108,7 @@ class TinyMLLM(nn.Module):
         self.patch_embedding = nn.Linear(config.patch_dim, H)
         self.patch_row = nn.Embedding(config.grid, H)
         self.patch_col = nn.Embedding(config.grid, H)
-        self.modality_embedding = nn.Embedding(2, H)
+        self.modality_embedding = nn.Embedding(NUM_MODALITIES, H)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.LayerNorm(H)
         self.lm_head = nn.Linear(H, config.vocab_size, bias=False)
@@ -120,28 +138,41 @@ class TinyMLLM(nn.Module):
 
     def forward(self, batch: dict, return_details: bool = False, caches: list | None = None) -> ModelOutput:
         x = self.embed(batch)
+        # One layout per forward: the modality ids are checked once here, and every layer shares the masks or
+        # packing plan derived from them. Padding (right only) is skipped by the packing kernels.
+        not_pad = batch["tokens"] != self.config.pad_id
+        trailing_pad = ~(not_pad.flip(-1).cumsum(-1).flip(-1) > 0)   # pad tokens with no real token after them
+        layout = prepare_layout(batch["modality"], x, ~trailing_pad)
         hidden, details = [], []
         for i, block in enumerate(self.blocks):
             hidden.append(x)
-            x, d = block(x, batch["modality"], return_details, None if caches is None else caches[i])
+            x, d = block(x, layout, return_details, None if caches is None else caches[i])
             details.append(d)
         hidden.append(x)
         logits = self.lm_head(self.norm(x))
         loss = None
         if "targets" in batch:
-            loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=D.IGNORE)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
+                                   ignore_index=self.config.ignore_index)
         return ModelOutput(logits, loss, hidden if return_details else [], details if return_details else [])
 
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int = 16, use_cache: bool = True) -> list[list[int]]:
-        """Greedy captions for a batch of prompts that all end with <answer> at the same length.
+        """Greedy captions for a batch of prompts that all end with the answer token at the same length.
 
-        Returns the generated token ids of each row, up to and excluding <eos>.
+        Returns the generated token ids of each row, up to and excluding the end-of-sequence token.
         """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not isinstance(use_cache, bool):
+            raise ValueError(f"generate: use_cache must be True or False, got {use_cache!r}")
+        if not isinstance(batch, dict) or not isinstance(batch.get("tokens"), torch.Tensor) or batch["tokens"].dim() != 2:
+            raise ValueError("generate: batch must be a dict with 'tokens' [batch, seq] (and the other collate() fields)")
+        eos = self.config.eos_id
         prompt_len = batch["tokens"].shape[1]
-        if not (batch["tokens"][:, -1] == D.ANSWER).all():
-            raise ValueError("generate: every prompt must end with <answer> (same length, no padding); "
-                             "group prompts by length first (train.evaluate does)")
+        if not (batch["tokens"][:, -1] == self.config.answer_id).all():
+            raise ValueError("generate: every prompt must end with the answer token (same length, no padding); "
+                             "group prompts by length first (evaluate.evaluate does)")
         fields = ("tokens", "modality", "patch_index", "text_position", "patches")
         seq = {k: batch[k] for k in fields}
         caches = [KVCache() for _ in self.blocks] if use_cache else None
@@ -150,7 +181,7 @@ class TinyMLLM(nn.Module):
         for _ in range(max_new_tokens):
             logits = self(step_input, caches=caches).logits[:, -1]
             next_token = logits.argmax(-1)                                   # [B]
-            finished |= next_token == D.EOS
+            finished |= next_token == eos
             new = {"tokens": next_token[:, None], "modality": torch.full_like(next_token[:, None], TEXT),
                    "patch_index": torch.zeros_like(next_token[:, None]),
                    "text_position": seq["text_position"][:, -1:] + 1,
@@ -159,7 +190,4 @@ class TinyMLLM(nn.Module):
             step_input = new if use_cache else seq
             if finished.all():
                 break
-        out = []
-        for row in seq["tokens"][:, prompt_len:].tolist():
-            out.append(row[:row.index(D.EOS)] if D.EOS in row else row)
-        return out
+        return [row[:row.index(eos)] if eos in row else row for row in seq["tokens"][:, prompt_len:].tolist()]

@@ -9,7 +9,6 @@ notebooks can print them, tests can check them on hand-made models, and viz.py c
     gate_means         mean gate per layer, stream and modality (recorded over training by the trainer)
     token_gates        per-token gates of one sequence: which words open the global gate
     attention_sinks    first-token attention fraction and largest activation, per layer
-    dilution           text-only accuracy and loss with 0 / 16 / 64 blank or noise image tokens inserted
 
 What the seed glosses over, measured here rather than argued: the intra stream of layer 0 is exactly pure,
 but from layer 1 on a text token's RESIDUAL stream already carries image information (through the global
@@ -27,7 +26,6 @@ from . import data as D
 from .masks import IMAGE, TEXT
 
 MODALITIES = {"text": TEXT, "image": IMAGE}
-DILUTION_TOKENS = (0, 16, 64)          # image tokens inserted into the text-only task
 CONTENT_WORDS = frozenset(D.COLOURS) | frozenset(D.SHAPES) | frozenset(D.SIZES)
 
 
@@ -196,20 +194,6 @@ def attention_sinks(model, batch: dict) -> dict:
     first = [d.attn_probs[..., 0].permute(1, 0, 2)[:, real].mean().item() for d in out.details]
     peak = [h[real_tokens(batch)].abs().max().item() for h in out.hidden_states[1:]]
     return {"first_token": np.array(first), "max_activation": np.array(peak)}
-
-
-def dilution(model, scenes: list[dict] | None = None, counts=DILUTION_TOKENS, kinds=("blank", "noise")) -> dict:
-    """Text-only accuracy and loss with image tokens inserted: {kind: {count: {"accuracy", "loss"}}}."""
-    from .train import evaluate
-
-    scenes = scenes if scenes is not None else D.load_split("text_only")
-    result = {}
-    for kind in kinds:
-        result[kind] = {}
-        for n in counts:
-            r = evaluate(model, scenes, n, kind)
-            result[kind][n] = {"accuracy": r["exact_match"], "loss": r["loss"]}
-    return result
 
 
 def probe_batch(split: str = "validation", size: int = 64) -> dict:

@@ -1,25 +1,35 @@
-"""Run-time switches in one place: fast mode and the device.
+"""Run-time switches and file helpers in one place: fast mode, the device, where runs live, atomic writes,
+and the description of the machine that measured a number.
 
-Fast mode shrinks every expensive step (training steps, benchmark sizes, seeds) so each notebook runs in
-well under 90 s on a 2-core CPU. It is on when SIGMA_FAST=1 or CI is set. Every notebook and command asks
-`fast_mode()`; nothing else in the package reads these variables.
+Fast mode shrinks the expensive steps of the notebooks (fewer seeds, smaller benchmark sizes) so each runs in
+well under 90 s on a 2-core CPU. It is decided here and nowhere else: SIGMA_FAST=1 turns it on, SIGMA_FAST=0
+turns it off (even under CI), and with SIGMA_FAST unset it follows CI (set by CI services). The notebooks ask
+`fast_mode()` through `course_preset()` and `course_seeds()`; the command-line tools take explicit flags.
 """
 
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
+from typing import Callable
 
 import torch
 
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 
 def fast_mode() -> bool:
-    """True when SIGMA_FAST is set to 1/true/yes/on, or CI is set to anything non-empty but 0/false."""
-    if os.environ.get("SIGMA_FAST", "").strip().lower() in _TRUE:
+    """SIGMA_FAST=1/true/yes/on: on; SIGMA_FAST=0/false/no/off: off; unset or empty: on when CI is set (not 0/false)."""
+    explicit = os.environ.get("SIGMA_FAST", "").strip().lower()
+    if explicit in _TRUE:
         return True
-    ci = os.environ.get("CI", "").strip().lower()
-    return ci not in {"", "0", "false", "no", "off"}
+    if explicit in _FALSE:
+        return False
+    if explicit:
+        raise ValueError(f"SIGMA_FAST must be one of 1/true/yes/on or 0/false/no/off, got {explicit!r}")
+    return os.environ.get("CI", "").strip().lower() not in {""} | _FALSE
 
 
 def default_device() -> torch.device:
@@ -39,8 +49,46 @@ def course_seeds() -> list[int]:
     return [0] if fast_mode() else [0, 1, 2]
 
 
-def runs_dir(preset: str):
-    """Where trained models of a preset live: runs/<preset> in the repository, shared by notebooks and CLI."""
-    from pathlib import Path
+def runs_dir(preset: str) -> Path:
+    """Where trained models of a preset live, shared by notebooks and the command line.
 
-    return Path(__file__).resolve().parents[1] / "runs" / preset
+    SIGMA_RUNS_DIR/<preset> if that variable is set; in a source checkout <repository>/runs/<preset>; after a
+    plain `pip install`, ./runs/<preset> under the current directory.
+    """
+    if os.environ.get("SIGMA_RUNS_DIR"):
+        return Path(os.environ["SIGMA_RUNS_DIR"]) / preset
+    checkout = Path(__file__).resolve().parents[1]
+    base = checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
+    return base / "runs" / preset
+
+
+def write_atomic(path: str | Path, content: str | Callable) -> None:
+    """Write a file so that readers see the old or the new content, never half of it.
+
+    `content` is text, or a function that writes into an open binary file (e.g. lambda f: torch.save(x, f)).
+    The data goes to a temporary file beside `path`, is flushed to disk, then renamed over `path`.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        if callable(content):
+            content(f)
+        else:
+            f.write(content.encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def machine_description() -> dict:
+    """The facts a measured number needs beside it: torch, Python, threads, CPU model, GPU."""
+    info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info

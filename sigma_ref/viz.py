@@ -9,7 +9,7 @@ Run `python -m sigma_ref.viz OUT.png` to draw the per-head masks of a small layo
 
 from __future__ import annotations
 
-from pathlib import Path
+import sys
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -223,43 +223,5 @@ def dilution_figure(runs: dict[str, list[dict]], kind: str = "blank") -> plt.Fig
                                  f"Dilution: text-only task with {kind} image tokens")
 
 
-def probe_trained_model(model, batch) -> dict:
-    """Every per-model probe the compare figures need, as plain numbers."""
-    from . import probes
-
-    return {"cross_modal_mass": probes.cross_modal_mass(model, batch),
-            "contamination": probes.contamination(model, batch),
-            "sinks": probes.attention_sinks(model, batch)}
-
-
-def write_compare_figures(runs: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
-    """Probe every trained model of a compare run and write the PNG figures next to its results table."""
-    from . import probes
-    from .train import load_model, run_dir
-
-    out_dir = Path(out_dir)
-    batch = probes.probe_batch()
-    probed = {m: [probe_trained_model(load_model(run_dir(out_dir, m, r["seed"]) / "checkpoint.pt"), batch)
-                  for r in results] for m, results in runs.items()}
-    figures = {
-        "latte_summary.png": latte_summary_figure(probed),
-        "sinks.png": sinks_figure({m: [p["sinks"] for p in ps] for m, ps in probed.items()}),
-        "dilution_blank.png": dilution_figure(runs, "blank"),
-        "dilution_noise.png": dilution_figure(runs, "noise"),
-    }
-    for model in ("gated", "sigma"):
-        if model in runs:
-            figures[f"gates_over_training_{model}.png"] = gates_over_training_figure(
-                runs[model][0]["gate_history"], f"{model}, seed {runs[model][0]['seed']}")
-    paths = []
-    for name, fig in figures.items():
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        paths.append(out_dir / name)
-    return paths
-
-
 if __name__ == "__main__":
-    import sys
-
     head_masks_figure(M.layout("T3 I6 T4"), 8, 4).savefig(sys.argv[1] if len(sys.argv) > 1 else "head_masks.png")

@@ -17,7 +17,7 @@ import torch
 
 from . import viz
 from .attention import AttentionConfig, SigmaAttention
-from .masks import IMAGE, TEXT, layout, layout_string
+from .masks import IMAGE, TEXT, causal_mask, intra_mask, layout, layout_string
 
 DEMO_LAYOUT = "T4 I8 T4 I4"
 
@@ -29,8 +29,6 @@ DEMO_LAYOUT = "T4 I8 T4 I4"
 
 def layout_view(spec: str) -> tuple[plt.Figure, dict]:
     """The causal and intra masks of a layout string, and how many query-key pairs each allows."""
-    from .masks import causal_mask, intra_mask
-
     ids = layout(spec)
     numbers = {"layout": layout_string(ids), "tokens": len(ids),
                "causal_pairs": int(causal_mask(len(ids)).sum()), "intra_pairs": int(intra_mask(ids).sum())}

@@ -21,7 +21,7 @@ def test_shipped_splits_are_what_the_generator_makes():
 
 
 def test_changed_or_missing_file_is_reported_with_the_fix(tmp_path):
-    shutil.copytree(D.DATA_DIR, tmp_path / "data")
+    shutil.copytree(str(D.DATA_DIR), tmp_path / "data")
     path = tmp_path / "data" / "test.jsonl"
     path.write_text(path.read_text().replace("red", "blue", 1))
     problems = D.check_splits(tmp_path / "data")

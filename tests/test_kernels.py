@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 import sigma_ref as sr
 from sigma_ref import kernels
+from sigma_ref.kernels import flash
+from sigma_ref.testing import flash_double
 from conftest import modality_rows
 
 TRAINABLE_CPU_BACKENDS = ["sdpa", "packed"]
@@ -84,20 +86,20 @@ def test_flex_refuses_backward_on_cpu_with_a_clear_message():
         sr.grouped_causal_attention(q, k, v, ids, backend="flex")
 
 
-# --- flash: the packing around flash-attn, run on CPU through a stand-in with flash-attn's contract --------
+# --- flash: the packing around flash-attn, run on CPU through the seam and the flash-attn double ----------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @given(ids=modality_rows(max_len=48), grouped=st.sampled_from([True, False]))
 @settings(max_examples=20)
-def test_flash_packing_with_stand_in(dtype, ids, grouped):
+def test_flash_packing_through_the_double(dtype, ids, grouped):
     groups = ids if grouped else None
     q, k, v = random_qkv(ids, heads=2, dim=8, dtype=dtype, requires_grad=True)
-    # Reference: the exact fp32 answer on the same (rounded) inputs; the stand-in computes in fp32 and rounds
+    # Reference: the exact fp32 answer on the same (rounded) inputs; the double computes in fp32 and rounds
     # once at the end, so the only difference is one rounding to the half-precision output.
     reference, _ = sr.grouped_causal_attention(q.float(), k.float(), v.float(), groups, backend="math")
-    with kernels.flash_implementation(kernels.reference_flash_functions()):
+    with flash.substitute(flash_double):
         out, _ = sr.grouped_causal_attention(q, k, v, groups, backend="flash")
-        assert kernels.resolve_backend("auto", q, groups) == "flash"
+        assert kernels.resolve_backend("auto", q) == "flash"
     assert out.dtype == dtype and out.shape == q.shape
     tolerance = {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(out.float(), reference, atol=tolerance, rtol=tolerance)
@@ -107,44 +109,41 @@ def test_flash_packing_with_stand_in(dtype, ids, grouped):
 
 def test_segments_for_flash_varlen():
     ids = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    seg = kernels.make_segments(ids)
+    seg = kernels.GroupLayout.of(ids, 2, 5, "cpu").segments()
     # row 0: text at 0,3,4 ; image at 1,2 ; row 1: image only (its empty text segment is dropped)
     assert seg.order.tolist() == [0, 3, 4, 1, 2, 5, 6, 7, 8, 9]
     assert seg.cu_seqlens.tolist() == [0, 3, 5, 10]
     assert seg.cu_seqlens.dtype == torch.int32 and seg.cu_seqlens.is_contiguous()
     assert seg.max_len == 5 and isinstance(seg.max_len, int)
-    assert seg.rank.tolist() == [0, 0, 1, 1, 2, 0, 1, 2, 3, 4]
+    assert seg.rank.flatten().tolist() == [0, 0, 1, 1, 2, 0, 1, 2, 3, 4]
+
+
+def test_segments_leave_right_padding_out():
+    ids = torch.tensor([[0, 1, 1, 0, 0], [1, 0, 1, 1, 1]])
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    seg = kernels.GroupLayout.of(ids, 2, 5, "cpu", valid).segments()
+    assert seg.order.tolist() == [0, 3, 4, 1, 2, 6, 5, 7]              # tokens 8 and 9 are padding
+    assert seg.cu_seqlens.tolist() == [0, 3, 5, 6, 8]
 
 
 def test_flash_errors_name_the_alternative():
     ids = sr.layout("T2 I2")[None]
     q, k, v = random_qkv(ids, dim=8)
-    if kernels.flash_functions() is None:
-        with pytest.raises(ValueError, match="flash-attn package.*not installed.*packed"):
-            sr.grouped_causal_attention(q, k, v, ids, backend="flash")
-    with kernels.flash_implementation(kernels.FlashFunctions(None, None, requires_cuda=True)):
+    with pytest.raises(ValueError, match="needs CUDA tensors, got tensors on cpu.*packed"):
+        sr.grouped_causal_attention(q, k, v, ids, backend="flash")
+    with flash.substitute(flash_double, allow_cpu=False):
         with pytest.raises(ValueError, match="needs CUDA tensors.*cpu.*packed"):
             sr.grouped_causal_attention(q, k, v, ids, backend="flash")
-    with kernels.flash_implementation(kernels.reference_flash_functions()):
+    with flash.substitute(flash_double):
         with pytest.raises(ValueError, match="float16 and bfloat16 only, got torch.float32.*sdpa"):
             sr.grouped_causal_attention(q, k, v, ids, backend="flash")
-        q12 = torch.randn(1, 2, 4, 12, dtype=torch.bfloat16)
-        with pytest.raises(ValueError, match="multiple of 8, got 12"):
-            sr.grouped_causal_attention(q12, q12, q12, ids, backend="flash")
-        assert kernels.resolve_backend("auto", q, ids) in ("sdpa", "packed")    # fp32: auto avoids flash
-
-
-def test_stand_in_enforces_the_flash_contract():
-    fns = kernels.reference_flash_functions()
-    q = torch.randn(6, 2, 8, dtype=torch.bfloat16)
-    good = torch.tensor([0, 2, 6], dtype=torch.int32)
-    assert fns.varlen_func(q, q, q, good, good, 4, 4, causal=True).shape == q.shape
-    with pytest.raises(ValueError, match="int32"):
-        fns.varlen_func(q, q, q, good.long(), good, 4, 4, causal=True)
-    with pytest.raises(ValueError, match="Python int"):
-        fns.varlen_func(q, q, q, good, good, torch.tensor(4), 4, causal=True)
-    with pytest.raises(ValueError, match="longest segment"):
-        fns.varlen_func(q, q, q, good, good, 3, 3, causal=True)
+        big = torch.randn(1, 1, 4, 264, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="head_dim <= 256, got 264"):
+            sr.grouped_causal_attention(big, big, big, ids, backend="flash")
+        assert kernels.resolve_backend("auto", q) in ("sdpa", "packed")    # fp32: auto avoids flash
+    with pytest.raises(ValueError, match="must define flash_attn_varlen_func"):
+        with flash.substitute(object()):
+            pass
 
 
 # --- the auto choice and input checks ------------------------------------------------------------------
@@ -152,9 +151,9 @@ def test_stand_in_enforces_the_flash_contract():
 def test_auto_picks_by_measured_crossover():
     short = torch.zeros(1, 1, kernels.PACKED_MIN_LENGTH - 1, 8)
     long = torch.zeros(1, 1, kernels.PACKED_MIN_LENGTH, 8)
-    assert kernels.resolve_backend("auto", short, None) == "sdpa"
-    assert kernels.resolve_backend("auto", long, None) == "packed"
-    assert kernels.resolve_backend("auto", long, None, return_probs=True) == "math"
+    assert kernels.resolve_backend("auto", short) == "sdpa"
+    assert kernels.resolve_backend("auto", long) == "packed"
+    assert kernels.resolve_backend("auto", long, return_probs=True) == "math"
 
 
 def test_probs_only_from_math():
@@ -167,7 +166,7 @@ def test_probs_only_from_math():
 @pytest.mark.parametrize("make, message", [
     (lambda q: dict(q=q[0]), "q must be a 4-D tensor"),
     (lambda q: dict(k=q[:, :1]), "same shape"),
-    (lambda q: dict(group_ids=torch.zeros(1, 3, dtype=torch.long)), r"group_ids must have shape \[batch, seq\] = \[1, 4\]"),
+    (lambda q: dict(group_ids=torch.zeros(1, 3, dtype=torch.long)), r"group_ids must have shape .*\[batch, seq\] = \[1, 4\], got \[1, 3\]"),
     (lambda q: dict(group_ids=torch.zeros(1, 4)), "group_ids must be an integer tensor"),
     (lambda q: dict(backend="fast"), "backend must be one of"),
 ])

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from sigma_ref import data as D
-from sigma_ref import probes
+from sigma_ref import evaluate, probes
 from sigma_ref.model import ModelConfig, TinyMLLM
 
 
 def model(attention="sigma", split=None, layers=2, seed=0, **kw):
     torch.manual_seed(seed)
     m = TinyMLLM(ModelConfig(attention=attention, hidden_size=32, num_layers=layers, num_heads=4,
-                             num_intra_heads=split, **kw)).eval()
+                             num_intra_heads=split, **kw, **D.model_fields())).eval()
     with torch.no_grad():              # larger weights than the init, so every effect is far from rounding
         for p in m.parameters():
             if p.dim() == 2:
@@ -93,7 +93,7 @@ def test_token_gates_and_word_classes():
 
 
 def test_dilution_structure():
-    result = probes.dilution(model(), D.load_split("text_only")[:4], counts=(0, 16), kinds=("blank",))
+    result = evaluate.dilution(model(), D.load_split("text_only")[:4], counts=(0, 16), kinds=("blank",))
     assert set(result["blank"]) == {0, 16}
     assert all(0 <= r["accuracy"] <= 1 and r["loss"] > 0 for r in result["blank"].values())
 

@@ -1,0 +1,112 @@
+"""Evaluate a trained TinyMLLM: greedy captions, exact match, per-slot accuracy, dilution; load a checkpoint.
+
+    evaluate(model, scenes)            exact match, per-slot accuracy and caption loss on a list of scenes
+    dilution(model, scenes)            text-only accuracy and loss with blank / noise image tokens inserted
+    evaluate_all(model, samples)       every model metric that metrics.json records
+    load_model(checkpoint, device)     a trained model from the trainer's checkpoint, ready to evaluate
+
+Exact match compares the generated caption with the reference word for word; the slot accuracies say which
+part went wrong (size, colour, shape of each object, relation).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .model import ModelConfig, TinyMLLM
+
+DILUTION_TOKENS = (0, 16, 64)          # image tokens inserted into the text-only task
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def prompt_of(example: D.Example) -> D.Example:
+    """The example cut after <answer>: what the model sees before it writes the caption."""
+    n = example.answer_start
+    return D.Example(example.tokens[:n], example.modality[:n], example.patch_index[:n], example.patches, n,
+                     example.caption)
+
+
+@torch.no_grad()
+def evaluate(model: TinyMLLM, scenes: list[dict], inserted: int = 0, kind: str = "blank",
+             batch_size: int = 128) -> dict:
+    """Greedy captions for `scenes`: exact match, per-slot accuracy, and the mean caption loss."""
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    examples = [D.encode(s, inserted, kind, generator) for s in scenes]
+    by_length: dict[int, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_length.setdefault(e.answer_start, []).append(i)
+    predictions: list[list[str] | None] = [None] * len(examples)
+    losses = []
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            prompts = to_device(D.collate([prompt_of(examples[i]) for i in chunk]), device)
+            for i, ids in zip(chunk, model.generate(prompts, max_new_tokens=16)):
+                predictions[i] = [D.VOCAB[t] for t in ids]
+            losses.append(model(to_device(D.collate([examples[i] for i in chunk]), device)).loss.item() * len(chunk))
+    exact = [p == e.caption for p, e in zip(predictions, examples)]
+    slots = {}
+    for p, e in zip(predictions, examples):
+        truth, guess = D.caption_slots(e.caption), D.caption_slots(p)
+        for slot, value in truth.items():
+            if value is not None:
+                slots.setdefault(slot, []).append(guess[slot] == value)
+    return {"exact_match": sum(exact) / len(exact),
+            "slot_accuracy": {slot: sum(v) / len(v) for slot, v in slots.items()},
+            "loss": sum(losses) / len(examples),
+            "examples": [{"reference": " ".join(e.caption), "generated": " ".join(p)}
+                         for p, e in list(zip(predictions, examples))[:8]]}
+
+
+def dilution(model, scenes: list[dict] | None = None, counts=DILUTION_TOKENS, kinds=("blank", "noise")) -> dict:
+    """Text-only accuracy and loss with image tokens inserted: {kind: {count: {"accuracy", "loss"}}}."""
+    scenes = scenes if scenes is not None else D.load_split("text_only")
+    result = {}
+    for kind in kinds:
+        result[kind] = {}
+        for n in counts:
+            r = evaluate(model, scenes, n, kind)
+            result[kind][n] = {"accuracy": r["exact_match"], "loss": r["loss"]}
+    return result
+
+
+def evaluate_all(model: TinyMLLM, samples: int) -> dict:
+    """Every metric of metrics.json that comes from the model (not from the training run)."""
+    test = evaluate(model, D.load_split("test")[:samples])
+    diluted = dilution(model, D.load_split("text_only")[:samples])
+    return {
+        "caption_exact_match": test["exact_match"],
+        "slot_accuracy": test["slot_accuracy"],
+        "test_loss": test["loss"],
+        "compositional_exact_match": evaluate(model, D.load_split("compositional")[:samples])["exact_match"],
+        "text_only_accuracy": diluted["blank"][0]["accuracy"],
+        "dilution": {kind: {str(n): r["accuracy"] for n, r in rows.items()} for kind, rows in diluted.items()},
+        "dilution_loss": {kind: {str(n): r["loss"] for n, r in rows.items()} for kind, rows in diluted.items()},
+        "samples": test["examples"],
+    }
+
+
+def load_model(checkpoint: str | Path, device="cpu") -> TinyMLLM:
+    """A trained TinyMLLM from a checkpoint written by the trainer, in eval mode, on any device.
+
+    A model trained with backend="flash" (CUDA only) is loaded with backend="auto" where flash cannot run,
+    and a warning says so: the weights are the same, only the kernel changes.
+    """
+    state = torch.load(checkpoint, map_location=device, weights_only=False)
+    fields = dict(state["model_config"], bias_init=tuple(map(tuple, state["model_config"]["bias_init"])))
+    if fields["backend"] == "flash" and torch.device(device).type != "cuda":
+        warnings.warn(f"{checkpoint} was trained with backend='flash', which needs CUDA; loading it on "
+                      f"{device} with backend='auto' (same weights, another exact kernel)", stacklevel=2)
+        fields["backend"] = "auto"
+    model = TinyMLLM(ModelConfig(**fields)).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval()

@@ -1,0 +1,168 @@
+"""Experiments: train many models, reuse what is trained, compare over seeds, write tables and figures.
+
+    python -m sigma_ref compare --preset cpu --seeds 3 --out runs/cpu
+
+`ensure_trained` is what notebooks and `compare` share: a model trained once (metrics.json and its
+checkpoint in runs/<preset>/<attention>_seed<k>/) is reused, a run interrupted mid-training continues from
+its last checkpoint, and a run of another recipe is started afresh, never mixed. Every results file is written
+atomically, so an interrupted write never leaves a truncated file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+from . import probes, viz
+from .evaluate import evaluate_all, load_model
+from .runtime import machine_description, write_atomic
+from .train import Trainer, checkpoint_config, get_preset
+
+ATTENTION_KINDS = ("standard", "gated", "sigma")
+
+TABLE_METRICS = [("caption_exact_match", "caption EM"), ("compositional_exact_match", "compositional EM"),
+                 ("text_only_accuracy", "text-only acc"), ("dilution.blank.64", "text-only, 64 blank img"),
+                 ("dilution.noise.64", "text-only, 64 noise img"), ("test_loss", "test loss"),
+                 ("train_seconds", "train s"), ("parameters", "params")]
+
+
+def run_dir(out_dir: str | Path, attention: str, seed: int) -> Path:
+    return Path(out_dir) / f"{attention}_seed{seed}"
+
+
+def train_and_evaluate(attention: str, preset: str, seed: int, out_dir: str | Path, backend: str = "auto",
+                       resume: bool = False, progress: bool = True, device=None) -> dict:
+    """Train one model, evaluate it, write out_dir/metrics.json (and the checkpoint); return the metrics.
+
+    resume=True continues from out_dir/checkpoint.pt when there is one (same recipe, or ValueError).
+    """
+    config = replace(get_preset(preset), backend=backend)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(attention, config, seed, out_dir, device=device)
+    if resume and trainer.checkpoint_path.exists():
+        trainer.load(trainer.checkpoint_path)
+    trainer.run(progress=progress)
+    metrics = {"attention": attention, "preset": preset, "seed": seed, "steps": trainer.step,
+               "parameters": trainer.model.num_parameters(), "train_seconds": trainer.train_seconds,
+               "device": str(trainer.device) if trainer.device.type == "cpu" else torch.cuda.get_device_name(),
+               "config": asdict(config), **evaluate_all(trainer.model, config.eval_samples),
+               "loss_curve": trainer.loss_curve, "validation_curve": trainer.validation_curve,
+               "gate_history": trainer.gate_history}
+    write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+    return metrics
+
+
+def _read_metrics(path: Path) -> dict | None:
+    """metrics.json, or None when it is missing or unreadable (an interrupted write of an older version)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def ensure_trained(preset: str, seeds, out_dir: str | Path, attentions=ATTENTION_KINDS, backend: str = "auto",
+                   progress: bool = True) -> dict[str, list[dict]]:
+    """Metrics of every (attention, seed) in out_dir, training only what is missing.
+
+    A finished run of this preset is reused. A run without metrics whose checkpoint has this recipe resumes
+    from it; a checkpoint of another recipe is set aside (renamed checkpoint.pt.stale) and training restarts.
+    """
+    wanted = asdict(replace(get_preset(preset), backend=backend))
+    runs = {}
+    for attention in attentions:
+        for seed in seeds:
+            path = run_dir(out_dir, attention, seed)
+            metrics = _read_metrics(path / "metrics.json")
+            if metrics is None or metrics.get("preset") != preset or metrics.get("config", wanted) != wanted:
+                checkpoint = path / "checkpoint.pt"
+                resume = checkpoint.exists() and checkpoint_config(checkpoint) == wanted
+                if checkpoint.exists() and not resume:
+                    checkpoint.replace(path / "checkpoint.pt.stale")
+                metrics = train_and_evaluate(attention, preset, seed, path, backend, resume=resume, progress=progress)
+            runs.setdefault(attention, []).append(metrics)
+    return runs
+
+
+def metric(metrics: dict, dotted: str):
+    for key in dotted.split("."):
+        metrics = metrics[key]
+    return metrics
+
+
+def summary_table(runs: dict[str, list[dict]]) -> str:
+    """Markdown: one row per attention, mean ± standard deviation over seeds for each metric."""
+    header = "| attention | " + " | ".join(label for _, label in TABLE_METRICS) + " |"
+    lines = [header, "|---" * (len(TABLE_METRICS) + 1) + "|"]
+    for attention, results in runs.items():
+        cells = []
+        for key, _ in TABLE_METRICS:
+            values = [metric(r, key) for r in results]
+            mean = statistics.fmean(values)
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{mean:.0f}" if key == "parameters" else f"{mean:.3f} ± {std:.3f}")
+        lines.append(f"| {attention} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare(preset: str, seeds: int, out_dir: str | Path, attentions=ATTENTION_KINDS,
+            backend: str = "auto", progress: bool = True) -> dict:
+    """Train every attention for seeds 0..seeds-1; write results.json, results.md and the figures."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
+    out_dir = Path(out_dir)
+    runs = ensure_trained(preset, range(seeds), out_dir, attentions, backend, progress)
+    machine = machine_description()
+    table = summary_table(runs)
+    write_atomic(out_dir / "results.json", json.dumps({"preset": preset, "seeds": list(range(seeds)),
+                                                       "machine": machine, "runs": runs}, indent=1))
+    write_atomic(out_dir / "results.md",
+                 f"Preset `{preset}`, seeds {list(range(seeds))}, mean ± std over seeds; machine: {machine}\n\n{table}\n")
+    print(table)
+    write_compare_figures(runs, out_dir)
+    return runs
+
+
+def probe_trained_model(model, batch) -> dict:
+    """Every per-model probe the compare figures need, as plain numbers."""
+    return {"cross_modal_mass": probes.cross_modal_mass(model, batch),
+            "contamination": probes.contamination(model, batch),
+            "sinks": probes.attention_sinks(model, batch)}
+
+
+def compare_figures(runs: dict[str, list[dict]], out_dir: str | Path) -> dict:
+    """Which figures a compare run gets: {file name: Figure}, from its metrics and its probed models."""
+    batch = probes.probe_batch()
+    probed = {m: [probe_trained_model(load_model(run_dir(out_dir, m, r["seed"]) / "checkpoint.pt"), batch)
+                  for r in results] for m, results in runs.items()}
+    figures = {
+        "latte_summary.png": viz.latte_summary_figure(probed),
+        "sinks.png": viz.sinks_figure({m: [p["sinks"] for p in ps] for m, ps in probed.items()}),
+        "dilution_blank.png": viz.dilution_figure(runs, "blank"),
+        "dilution_noise.png": viz.dilution_figure(runs, "noise"),
+    }
+    for model in ("gated", "sigma"):
+        if model in runs:
+            figures[f"gates_over_training_{model}.png"] = viz.gates_over_training_figure(
+                runs[model][0]["gate_history"], f"{model}, seed {runs[model][0]['seed']}")
+    return figures
+
+
+def write_compare_figures(runs: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
+    """Probe every trained model of a compare run and write its PNG figures next to its results table."""
+    paths = []
+    for name, fig in compare_figures(runs, out_dir).items():
+        fig.savefig(Path(out_dir) / name, dpi=110)
+        plt.close(fig)
+        paths.append(Path(out_dir) / name)
+    return paths
+
+
+def load_results(out_dir: str | Path) -> dict[str, list[dict]]:
+    """The runs of a finished compare from its results.json."""
+    return json.loads((Path(out_dir) / "results.json").read_text())["runs"]

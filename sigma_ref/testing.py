@@ -1,0 +1,132 @@
+"""Test doubles. `flash_double`: a pure-PyTorch stand-in for flash-attn 2.8, to prove the flash path on CPU.
+
+    from sigma_ref.kernels import flash
+    from sigma_ref.testing import flash_double
+    with flash.substitute(flash_double):          # the flash backend now calls the double, CPU tensors allowed
+        out, _ = sr.sigma_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), ids, 4, backend="flash")
+
+It has flash-attn's names, signatures and keyword defaults, and enforces what flash-attn enforces, so a call
+that would fail on a GPU fails here too:
+    - q, k, v fp16 or bf16, all the same dtype, on one device; head_dim <= 256 (any size: flash-attn pads);
+    - varlen: q [total_q, H, d], k/v [total_k, H_kv, d] with H divisible by H_kv (grouped-query attention);
+      cu_seqlens_q / cu_seqlens_k int32, 1-D, contiguous, on q's device, starting at 0, ending at the totals;
+      max_seqlen_q / max_seqlen_k Python ints, UPPER bounds (at least the longest segment);
+    - causal=True aligns the mask BOTTOM-RIGHT when a segment's query and key lengths differ (flash-attn >= 2.1):
+      query i of Lq sees keys j <= i + Lk - Lq, so a single decoding query sees every cached key; a query row
+      with no key gets zeros.
+It computes in fp32, one segment at a time: slow, exact, a test tool and not a kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["flash_double"]
+
+
+class _FlashDouble:
+    """A module-like object: flash_attn_varlen_func and flash_attn_func, as in flash_attn 2.8."""
+
+    __name__ = "sigma_ref.testing.flash_double"
+
+    def __init__(self):
+        self.calls: list[str] = []                 # which function ran, in order (tests read it)
+
+    # -- the contract ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_tensors(q, k, v, dims: int, layout: str):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != dims:
+                raise RuntimeError(f"flash double: {name} must be {layout}, got "
+                                   f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if t.dtype not in (torch.float16, torch.bfloat16):
+                raise RuntimeError(f"flash double: FlashAttention only supports fp16 and bf16; {name} is {t.dtype}")
+            if t.device != q.device:
+                raise RuntimeError(f"flash double: {name} is on {t.device}, q on {q.device}")
+            if t.stride(-1) != 1:
+                raise RuntimeError(f"flash double: {name} must have contiguous last dimension")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise RuntimeError(f"flash double: query and key/value must have the same dtype, got {q.dtype}, "
+                               f"{k.dtype}, {v.dtype}")
+        if q.shape[-1] > 256 or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+            raise RuntimeError(f"flash double: head_dim must match and be <= 256, got q {q.shape[-1]}, "
+                               f"k {k.shape[-1]}, v {v.shape[-1]}")
+        heads, kv_heads = q.shape[-2], k.shape[-2]
+        if v.shape[-2] != kv_heads or heads % kv_heads:
+            raise RuntimeError(f"flash double: number of heads in key/value ({kv_heads}) must divide the number "
+                               f"of heads in query ({heads})")
+
+    @staticmethod
+    def _check_cu(name, cu, device, total):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
+            raise RuntimeError(f"flash double: {name} must be a 1-D int32 tensor, got "
+                               f"{cu.dtype if isinstance(cu, torch.Tensor) else type(cu).__name__}")
+        if not cu.is_contiguous() or cu.device != device:
+            raise RuntimeError(f"flash double: {name} must be contiguous and on {device}")
+        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+            raise RuntimeError(f"flash double: {name} must rise from 0 to {total}, got {cu.tolist()}")
+
+    @staticmethod
+    def _attend(q, k, v, scale, causal):
+        """One segment: q [Lq, H, d], k/v [Lk, H_kv, d] -> [Lq, H, d], computed in fp32."""
+        q_len, heads, _ = q.shape
+        k_len, kv_heads, _ = k.shape
+        group = heads // kv_heads
+        qf = q.float().transpose(0, 1)                                         # [H, Lq, d]
+        kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)         # [H, Lk, d]
+        vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = (qf @ kf.transpose(-2, -1)) * scale                           # [H, Lq, Lk]
+        if causal:                                                             # bottom-right aligned
+            offset = k_len - q_len
+            allowed = torch.arange(k_len)[None, :] <= torch.arange(q_len)[:, None] + offset
+            scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+        probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)                   # a row with no key: zeros
+        return (probs @ vf).transpose(0, 1)
+
+    # -- flash-attn 2.8's functions -------------------------------------------------------------------
+
+    def flash_attn_varlen_func(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                               alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+        self.calls.append("flash_attn_varlen_func")
+        self._check_tensors(q, k, v, 3, "[total_tokens, heads, head_dim]")
+        self._check_cu("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
+        self._check_cu("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise RuntimeError("flash double: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
+        for name, bound, cu in (("max_seqlen_q", max_seqlen_q, cu_seqlens_q), ("max_seqlen_k", max_seqlen_k, cu_seqlens_k)):
+            if isinstance(bound, bool) or not isinstance(bound, int):
+                raise RuntimeError(f"flash double: {name} must be a Python int, got {type(bound).__name__}")
+            longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+            if bound < longest:
+                raise RuntimeError(f"flash double: {name} = {bound} is below the longest sequence ({longest})")
+        self._check_unsupported(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, block_table)
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        bounds = zip(cu_seqlens_q.tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k.tolist(), cu_seqlens_k[1:].tolist())
+        for q0, q1, k0, k1 in bounds:
+            if q1 > q0 and k1 > k0:
+                out[q0:q1] = self._attend(q[q0:q1], k[k0:k1], v[k0:k1], scale, causal)
+        return out.to(q.dtype)
+
+    def flash_attn_func(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                        softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+        self.calls.append("flash_attn_func")
+        self._check_tensors(q, k, v, 4, "[batch, seq, heads, head_dim]")
+        if k.shape[0] != q.shape[0]:
+            raise RuntimeError(f"flash double: batch sizes differ, q {q.shape[0]}, k {k.shape[0]}")
+        self._check_unsupported(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, None)
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        return torch.stack([self._attend(q[b], k[b], v[b], scale, causal) for b in range(q.shape[0])]).to(q.dtype)
+
+    @staticmethod
+    def _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, block_table):
+        """The double implements what sigma_ref uses; anything else is refused rather than silently ignored."""
+        if dropout_p or tuple(window_size) != (-1, -1) or softcap or alibi_slopes is not None or return_attn_probs \
+                or block_table is not None:
+            raise NotImplementedError("flash double: dropout, windows, softcap, ALiBi, returned probabilities and "
+                                      "paged caches are not modelled")
+
+
+flash_double = _FlashDouble()

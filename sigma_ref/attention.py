@@ -20,6 +20,9 @@ All three share the same skeleton, so the differences are easy to see:
 The modules treat standard and gated attention as "all heads are global", so `return_details=True` returns
 the same `AttentionDetails` for all three and the probes in `probes.py` can compare them directly.
 
+Calling a layer: `y = attn(x, modality_ids)`; x [B, S, D], modality_ids [S] or [B, S] (or a kernels.GroupLayout
+shared by all layers of one forward); `valid` [B, S] bool marks right padding (False), whose outputs are 0.
+
 Positions: these layers add no positional encoding; the model (model.py) adds learned positions to its
 embeddings, which keeps the attention code about attention.
 """
@@ -223,7 +226,7 @@ class _Attention(nn.Module):
             first_call = cache.k is None
             cache.append(k, v, layout.ids)
             if not first_call:
-                out = kernels.sigma_decode_attention(q, cache.k, cache.v, cache.modality_ids, self.num_intra_heads)
+                out = kernels.decode_attention(q, cache.k, cache.v, cache.modality_ids, self.num_intra_heads)
                 B, H, S, d = out.shape
                 return out.transpose(1, 2).reshape(B, S, H * d), None
         want_probs = return_details and self.config.backend == "math"

@@ -140,11 +140,6 @@ def sigma_attention(q, k, v, modality_ids, num_intra_heads: int, *, backend: str
     return torch.cat(outs, dim=2).transpose(1, 2), None                # [B, H, S, d] (a view)
 
 
-def sigma_decode_attention(q, k, v, modality_ids: torch.Tensor, num_intra_heads: int) -> torch.Tensor:
-    """KV-cache decoding: q for the last T positions [B, H, T, d], k and v for all S [B, H, S, d]."""
-    return decode_attention(q, k, v, modality_ids, num_intra_heads)
-
-
 def _check_qkv(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -170,4 +165,4 @@ def _demo() -> None:
 
 
 __all__ = ["BACKENDS", "PACKED_MIN_LENGTH", "GroupLayout", "Segments", "grouped_causal_attention", "sigma_attention",
-           "sigma_decode_attention", "resolve_backend", "flash_available", "as_layout"]
+           "decode_attention", "resolve_backend", "flash_available", "as_layout"]

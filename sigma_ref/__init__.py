@@ -14,6 +14,7 @@ The package map, one concept per module, imports flowing one way (each module im
     data          the toy captioning set: scenes, vocabulary, encoding, training stream, shipped splits
     evaluate      exact match, slot accuracy, dilution; loading a trained model
     probes        latte measurements: cross-modal mass, contamination, gates, sinks
+    optim         Muon with a float32 Newton-Schulz iteration (fast on CPUs too)
     train         TrainConfig, presets, Trainer, checkpoints
     viz           matplotlib figures drawn from arrays and results
     experiments   ensure_trained, compare, summary tables, which figures a run gets
@@ -58,7 +59,7 @@ from .runtime import course_preset, course_seeds, fast_mode
 
 __version__ = "0.2.0"
 
-_LAZY_MODULES = ("model", "data", "evaluate", "probes", "train", "viz", "experiments", "widgets", "bench", "runtime")
+_LAZY_MODULES = ("model", "data", "evaluate", "probes", "optim", "train", "viz", "experiments", "widgets", "bench", "runtime")
 _LAZY_NAMES = {"TinyMLLM": "model", "ModelConfig": "model"}
 
 

@@ -26,6 +26,7 @@ not a change of positional encoding.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -155,17 +156,23 @@ def caption_slots(words: list[str]) -> dict[str, str | None]:
     return slots
 
 
+@functools.lru_cache(maxsize=None)
+def _shape_mask(shape: str, size: str, x: int, y: int) -> torch.Tensor:
+    """[32, 32] bool: the pixels of one object. Cached: a training batch renders ~35 images, from at most
+    4 shapes x 2 sizes x 32 x 32 placements, so after warm-up rendering is a table lookup."""
+    rows, cols = torch.meshgrid(torch.arange(IMAGE_SIZE), torch.arange(IMAGE_SIZE), indexing="ij")
+    dx, dy, r = (cols - x).float(), (rows - y).float(), SIZES[size]
+    return {"circle": lambda: dx ** 2 + dy ** 2 <= r * r + 0.5,
+            "square": lambda: (dx.abs() <= r - 0.5) & (dy.abs() <= r - 0.5),
+            "diamond": lambda: dx.abs() + dy.abs() <= r,
+            "triangle": lambda: (dy <= r) & (dy >= -r) & (2 * dx.abs() <= dy + r)}[shape]()
+
+
 def render(scene: dict) -> torch.Tensor:
     """The image of a scene: FloatTensor [3, 32, 32] in [0, 1], black background."""
     image = torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE)
-    ys, xs = torch.meshgrid(torch.arange(IMAGE_SIZE), torch.arange(IMAGE_SIZE), indexing="ij")
     for obj in scene["objects"]:
-        dx, dy, r = (xs - obj["x"]).float(), (ys - obj["y"]).float(), SIZES[obj["size"]]
-        inside = {"circle": dx ** 2 + dy ** 2 <= r * r + 0.5,
-                  "square": (dx.abs() <= r - 0.5) & (dy.abs() <= r - 0.5),
-                  "diamond": dx.abs() + dy.abs() <= r,
-                  "triangle": (dy <= r) & (dy >= -r) & (2 * dx.abs() <= dy + r)}[obj["shape"]]
-        image[:, inside] = torch.tensor(COLOURS[obj["colour"]])[:, None]
+        image[:, _shape_mask(obj["shape"], obj["size"], obj["x"], obj["y"])] = torch.tensor(COLOURS[obj["colour"]])[:, None]
     return image
 
 
@@ -224,21 +231,26 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
     positions); targets[b, i] is the token at i+1 for caption positions and IGNORE elsewhere.
     """
     length = max(len(e.tokens) for e in examples)
-    batch = {name: torch.full((len(examples), length), fill, dtype=torch.long)
-             for name, fill in [("tokens", PAD), ("modality", TEXT), ("patch_index", 0), ("text_position", 0),
-                                ("targets", IGNORE)]}
-    batch["patches"] = torch.zeros(len(examples), length, PATCH_DIM)
-    for b, e in enumerate(examples):
-        n = len(e.tokens)
-        batch["tokens"][b, :n] = torch.tensor(e.tokens)
-        batch["modality"][b, :n] = torch.tensor(e.modality)
-        batch["patch_index"][b, :n] = torch.tensor(e.patch_index)
-        is_text = torch.tensor(e.modality) == TEXT
-        batch["text_position"][b, :n] = torch.cumsum(is_text.long(), 0) - 1      # position among text tokens
-        batch["text_position"][b, n:] = batch["text_position"][b, n - 1] + torch.arange(1, length - n + 1)
-        batch["patches"][b, :n][~is_text] = e.patches
+    # Built as Python lists and turned into tensors once: collate runs on every training step, and thousands
+    # of small tensor writes cost more than the model's forward pass at the course's sizes.
+    rows = {"tokens": [], "modality": [], "patch_index": [], "text_position": [], "targets": []}
+    for e in examples:
+        pad = length - len(e.tokens)
+        rows["tokens"].append(e.tokens + [PAD] * pad)
+        rows["modality"].append(e.modality + [TEXT] * pad)
+        rows["patch_index"].append(e.patch_index + [0] * pad)
+        positions, count = [], -1
+        for m in e.modality:                      # position among text tokens; image tokens repeat the last
+            count += m == TEXT
+            positions.append(count)
+        rows["text_position"].append(positions + list(range(count + 1, count + 1 + pad)))
         # Predict each caption token and <eos> from the token before it.
-        batch["targets"][b, e.answer_start - 1:n - 1] = torch.tensor(e.tokens[e.answer_start:n])
+        n = len(e.tokens)
+        rows["targets"].append([IGNORE] * (e.answer_start - 1) + e.tokens[e.answer_start:n] + [IGNORE] * (pad + 1))
+    batch = {name: torch.tensor(values, dtype=torch.long) for name, values in rows.items()}
+    batch["patches"] = torch.zeros(len(examples), length, PATCH_DIM)
+    # Image positions in row-major order are each example's patches, one example after the other.
+    batch["patches"][batch["modality"] == IMAGE] = torch.cat([e.patches for e in examples])
     return batch
 
 

@@ -6,22 +6,28 @@
 checkpoint in runs/<preset>/<attention>_seed<k>/) is reused, a run interrupted mid-training continues from
 its last checkpoint, and a run of another recipe is started afresh, never mixed. Every results file is written
 atomically, so an interrupted write never leaves a truncated file behind.
+
+What is missing trains in parallel: one worker process per CPU core, one thread each (runtime.py says why),
+or one process on a GPU.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
+from tqdm.auto import tqdm
 
 from . import probes, viz
 from .evaluate import evaluate_all, load_model
-from .runtime import machine_description, write_atomic
-from .train import Trainer, checkpoint_config, get_preset
+from .runtime import TRAINING_THREADS, cpu_cores, machine_description, torch_threads, write_atomic
+from .train import TrainConfig, Trainer, checkpoint_config, get_preset
 
 ATTENTION_KINDS = ("standard", "gated", "sigma")
 
@@ -36,12 +42,14 @@ def run_dir(out_dir: str | Path, attention: str, seed: int) -> Path:
 
 
 def train_and_evaluate(attention: str, preset: str, seed: int, out_dir: str | Path, backend: str = "auto",
-                       resume: bool = False, progress: bool = True, device=None) -> dict:
+                       resume: bool = False, progress: bool = True, device=None,
+                       config: TrainConfig | None = None) -> dict:
     """Train one model, evaluate it, write out_dir/metrics.json (and the checkpoint); return the metrics.
 
+    The recipe is the preset's (with `backend`), or `config` when given (the preset is then only its name).
     resume=True continues from out_dir/checkpoint.pt when there is one (same recipe, or ValueError).
     """
-    config = replace(get_preset(preset), backend=backend)
+    config = config or replace(get_preset(preset), backend=backend)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(attention, config, seed, out_dir, device=device)
@@ -50,12 +58,14 @@ def train_and_evaluate(attention: str, preset: str, seed: int, out_dir: str | Pa
     trainer.run(progress=progress)
     metrics = {"attention": attention, "preset": preset, "seed": seed, "steps": trainer.step,
                "parameters": trainer.model.num_parameters(), "train_seconds": trainer.train_seconds,
+               "target_reached": trainer.target_reached, "threads": torch.get_num_threads(),
                "device": str(trainer.device) if trainer.device.type == "cpu" else torch.cuda.get_device_name(),
                "config": asdict(config), **evaluate_all(trainer.model, config.eval_samples),
                "loss_curve": trainer.loss_curve, "validation_curve": trainer.validation_curve,
-               "gate_history": trainer.gate_history}
-    write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
-    return metrics
+               "exact_match_curve": trainer.exact_match_curve, "gate_history": trainer.gate_history}
+    text = json.dumps(metrics, indent=1)
+    write_atomic(out_dir / "metrics.json", text)
+    return json.loads(text)            # as a later reader sees it (lists, string keys), trained now or reused
 
 
 def _read_metrics(path: Path) -> dict | None:
@@ -66,27 +76,55 @@ def _read_metrics(path: Path) -> dict | None:
         return None
 
 
+def _train_job(job: dict) -> dict:
+    """One training in a worker process (module level, so that a spawned process can import it)."""
+    with torch_threads(TRAINING_THREADS):
+        return train_and_evaluate(**job)
+
+
+def default_workers(jobs: int) -> int:
+    """Processes that train side by side: one per core on a CPU (one thread each), one on a GPU."""
+    if torch.cuda.is_available():
+        return 1
+    return max(1, min(jobs, cpu_cores() // TRAINING_THREADS))
+
+
 def ensure_trained(preset: str, seeds, out_dir: str | Path, attentions=ATTENTION_KINDS, backend: str = "auto",
-                   progress: bool = True) -> dict[str, list[dict]]:
+                   progress: bool = True, workers: int | None = None) -> dict[str, list[dict]]:
     """Metrics of every (attention, seed) in out_dir, training only what is missing.
 
     A finished run of this preset is reused. A run without metrics whose checkpoint has this recipe resumes
     from it; a checkpoint of another recipe is set aside (renamed checkpoint.pt.stale) and training restarts.
+    What is missing trains in `workers` processes (default: default_workers), each with TRAINING_THREADS.
     """
-    wanted = asdict(replace(get_preset(preset), backend=backend))
-    runs = {}
+    config = replace(get_preset(preset), backend=backend)
+    wanted = asdict(config)
+    finished, jobs = {}, []
     for attention in attentions:
         for seed in seeds:
             path = run_dir(out_dir, attention, seed)
             metrics = _read_metrics(path / "metrics.json")
-            if metrics is None or metrics.get("preset") != preset or metrics.get("config", wanted) != wanted:
-                checkpoint = path / "checkpoint.pt"
-                resume = checkpoint.exists() and checkpoint_config(checkpoint) == wanted
-                if checkpoint.exists() and not resume:
-                    checkpoint.replace(path / "checkpoint.pt.stale")
-                metrics = train_and_evaluate(attention, preset, seed, path, backend, resume=resume, progress=progress)
-            runs.setdefault(attention, []).append(metrics)
-    return runs
+            if metrics is not None and metrics.get("preset") == preset and metrics.get("config") == wanted:
+                finished[attention, seed] = metrics
+                continue
+            checkpoint = path / "checkpoint.pt"
+            resume = checkpoint.exists() and checkpoint_config(checkpoint) == wanted
+            if checkpoint.exists() and not resume:
+                checkpoint.replace(path / "checkpoint.pt.stale")
+            jobs.append({"attention": attention, "preset": preset, "seed": seed, "out_dir": path,
+                         "config": config, "resume": resume})
+    workers = default_workers(len(jobs)) if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if workers == 1 or len(jobs) <= 1:
+        results = [_train_job({**job, "progress": progress}) for job in jobs]
+    else:
+        # "spawn": a fresh interpreter per worker, safe under Jupyter and with torch's thread pools.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(tqdm(pool.map(_train_job, [{**job, "progress": False} for job in jobs]), total=len(jobs),
+                                desc=f"training {len(jobs)} models, {workers} at a time", disable=not progress))
+    finished.update({(job["attention"], job["seed"]): metrics for job, metrics in zip(jobs, results)})
+    return {attention: [finished[attention, seed] for seed in seeds] for attention in attentions}
 
 
 def metric(metrics: dict, dotted: str):
@@ -111,12 +149,12 @@ def summary_table(runs: dict[str, list[dict]]) -> str:
 
 
 def compare(preset: str, seeds: int, out_dir: str | Path, attentions=ATTENTION_KINDS,
-            backend: str = "auto", progress: bool = True) -> dict:
+            backend: str = "auto", progress: bool = True, workers: int | None = None) -> dict:
     """Train every attention for seeds 0..seeds-1; write results.json, results.md and the figures."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
     out_dir = Path(out_dir)
-    runs = ensure_trained(preset, range(seeds), out_dir, attentions, backend, progress)
+    runs = ensure_trained(preset, list(range(seeds)), out_dir, attentions, backend, progress, workers)
     machine = machine_description()
     table = summary_table(runs)
     write_atomic(out_dir / "results.json", json.dumps({"preset": preset, "seeds": list(range(seeds)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,32 @@ def fast_mode() -> bool:
     if explicit:
         raise ValueError(f"SIGMA_FAST must be one of 1/true/yes/on or 0/false/no/off, got {explicit!r}")
     return os.environ.get("CI", "").strip().lower() not in {""} | _FALSE
+
+
+# THREAD POLICY. A training process uses one thread, and several models train side by side in separate
+# processes, one per core (experiments.ensure_trained). Why: the course's models are small, so a second thread
+# buys little (bench.thread_table measures it), while torch's threads spin-wait for each other and collapse
+# when another program takes a core: on a busy 2-core machine a step took 40x longer with 2 threads than with 1.
+# One thread per process never waits for a thread that is not running, and two processes use both cores.
+TRAINING_THREADS = 1
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (respects taskset and container CPU sets)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextmanager
+def torch_threads(count: int):
+    """Run a block with torch using `count` threads, then restore the previous number."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"torch_threads: count must be an int >= 1, got {count!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def default_device() -> torch.device:

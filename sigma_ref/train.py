@@ -23,10 +23,14 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from .data import DataStream
-from .evaluate import to_device
+from .evaluate import evaluate, to_device
 from .model import ModelConfig, TinyMLLM
+from .optim import Muon
 from .probes import gate_means
 from .runtime import default_device, write_atomic
+
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,24 @@ class TrainConfig:
     checkpoint_every: int = 200
     bf16: bool = False                 # autocast to bfloat16 (CUDA only)
     backend: str = "auto"
+    optimizer: str = "adamw"           # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for the rest
+    # Stop early once the validation caption exact match reaches this (None: train all `steps`). Checked every
+    # `target_every` steps on the first `target_samples` validation scenes, with greedy decoding.
+    target_exact_match: float | None = None
+    target_every: int = 100
+    target_samples: int = 200
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_layers", "num_heads", "steps", "batch_size", "eval_every",
+                     "checkpoint_every", "target_every", "target_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.target_exact_match is not None and not 0 <= self.target_exact_match <= 1:
+            raise ValueError(f"TrainConfig.target_exact_match must be None or between 0 and 1, "
+                             f"got {self.target_exact_match!r}")
 
 
 PRESETS = {
@@ -84,6 +106,28 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.lr * (1 - 0.9 * (1 - cosine))
 
 
+def make_optimizers(model: torch.nn.Module, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    """The optimisers of a recipe, each with its own parameter groups; all step with the same schedule.
+
+    adamw: AdamW for everything; weight decay on weight matrices only (not on norms, biases, the stream bias).
+    muon:  Muon (orthogonalised momentum, optim.py) for the weight matrices inside the blocks, where it trains
+           in fewer steps than AdamW; AdamW for embeddings, the (tied) output head, the patch projection,
+           norms, biases and the stream bias, as in the Muon recipes of the GPT-2 speedruns. Muon's update is
+           scaled to AdamW's size, so both take the same `lr`.
+    """
+    named = list(model.named_parameters())
+    # Muon orthogonalises 2-D updates; a block's weight matrix is the kind of parameter it was made for.
+    use_muon = lambda name, p: config.optimizer == "muon" and p.dim() == 2 and name.startswith("blocks.")
+    muon = [p for n, p in named if use_muon(n, p)]
+    decay = [p for n, p in named if not use_muon(n, p) and p.dim() >= 2 and "stream_bias" not in n]
+    no_decay = [p for n, p in named if not use_muon(n, p) and (p.dim() < 2 or "stream_bias" in n)]
+    optimizers = [torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                     {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)]
+    if muon:
+        optimizers.append(Muon(muon, lr=config.lr, weight_decay=config.weight_decay))
+    return optimizers
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     write_atomic(path, lambda f: torch.save(state, f))
@@ -106,15 +150,14 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         self.model = TinyMLLM(model_config(attention, config, **(model_overrides or {}))).to(self.device)
-        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2 and "stream_bias" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2 or "stream_bias" in n]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        self.optimizers = make_optimizers(self.model, config)
         self.stream = DataStream(config.batch_size, seed, config.text_only_fraction)
         self.step = 0
         self.loss_curve: list[tuple[int, float]] = []
         self.gate_history: list[dict] = []
         self.validation_curve: list[tuple[int, float]] = []
+        self.exact_match_curve: list[tuple[int, float, float]] = []     # (step, train seconds, validation EM)
+        self.target_reached: dict | None = None                          # {"step", "train_seconds", "exact_match"}
         self.train_seconds = 0.0
 
     @property
@@ -122,9 +165,10 @@ class Trainer:
         return self.out_dir / "checkpoint.pt" if self.out_dir else None
 
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+        return {"model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers], "step": self.step,
                 "loss_curve": self.loss_curve, "gate_history": self.gate_history,
                 "validation_curve": self.validation_curve, "train_seconds": self.train_seconds,
+                "exact_match_curve": self.exact_match_curve, "target_reached": self.target_reached,
                 "data_rng": self.stream.rng.getstate(),
                 "torch_rng": torch.get_rng_state(), "attention": self.attention, "config": asdict(self.config),
                 "model_config": asdict(self.model.config), "seed": self.seed}
@@ -140,16 +184,20 @@ class Trainer:
             raise ValueError(f"checkpoint {path} was trained with another recipe; (asked, in checkpoint): {differing}. "
                              "Resume with the same TrainConfig, or start a fresh run in another directory")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])           # moves its state to the parameters' device
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)                          # moves its state to the parameters' device
         self.step, self.loss_curve = state["step"], [tuple(x) for x in state["loss_curve"]]
         self.gate_history, self.train_seconds = state["gate_history"], state["train_seconds"]
         self.validation_curve = [tuple(x) for x in state["validation_curve"]]
+        self.exact_match_curve = [tuple(x) for x in state["exact_match_curve"]]
+        self.target_reached = state["target_reached"]
         self.stream.rng.setstate(state["data_rng"])
         torch.set_rng_state(state["torch_rng"].cpu())
 
     def train_step(self, batch: dict) -> float:
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.step, self.config)
+        lr = learning_rate(self.step, self.config)
+        for group in (g for optimizer in self.optimizers for g in optimizer.param_groups):
+            group["lr"] = lr
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.config.bf16 and self.device.type == "cuda")
         with autocast:
             loss = self.model(batch).loss
@@ -157,20 +205,24 @@ class Trainer:
             last = f"the last good checkpoint is {self.checkpoint_path}" if self.checkpoint_path and \
                 self.checkpoint_path.exists() else "no checkpoint was written yet"
             raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; stopping; {last}")
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        for optimizer in self.optimizers:
+            optimizer.step()
         self.step += 1
         return loss.item()
 
     def run(self, stop_at: int | None = None, progress: bool = True) -> None:
-        """Train until step `stop_at` (default: config.steps). Every `eval_every` steps: the validation loss and
-        the mean gates on a fixed validation batch; every `checkpoint_every` steps: a checkpoint."""
+        """Train until step `stop_at` (default: config.steps), or until the validation caption exact match reaches
+        config.target_exact_match. Every `eval_every` steps: the validation loss and the mean gates on a fixed
+        validation batch; every `checkpoint_every` steps: a checkpoint. Evaluation time is not training time."""
         stop_at = self.config.steps if stop_at is None else stop_at
         probe_batch = to_device(D.collate([D.encode(s) for s in D.load_split("validation")[:32]]), self.device)
+        target_scenes = D.load_split("validation")[:self.config.target_samples]
         bar = tqdm(total=stop_at, initial=self.step, desc=f"{self.attention} seed {self.seed}", disable=not progress)
-        while self.step < stop_at:
+        while self.step < stop_at and self.target_reached is None:
             start = time.perf_counter()
             self.model.train()
             loss = self.train_step(to_device(self.stream.next(), self.device))
@@ -183,8 +235,19 @@ class Trainer:
                 with torch.no_grad():
                     self.validation_curve.append((self.step, self.model(probe_batch).loss.item()))
                 self.gate_history.append({"step": self.step, "gates": gate_means(self.model, probe_batch)})
-            if self.checkpoint_path and (self.step % self.config.checkpoint_every == 0 or self.step == stop_at):
+            if self.config.target_exact_match is not None and self.step % self.config.target_every == 0:
+                exact_match = evaluate(self.model, target_scenes)["exact_match"]
+                self.exact_match_curve.append((self.step, self.train_seconds, exact_match))
+                bar.set_postfix(loss=f"{loss:.3f}", exact_match=f"{exact_match:.3f}")
+                if exact_match >= self.config.target_exact_match:
+                    self.target_reached = {"step": self.step, "train_seconds": self.train_seconds,
+                                           "exact_match": exact_match}
+            if self.checkpoint_path and (self.step % self.config.checkpoint_every == 0 or self.step == stop_at
+                                         or self.target_reached is not None):
                 save_checkpoint(self.checkpoint_path, self.state())
         bar.close()
 
-
+    @property
+    def finished(self) -> bool:
+        """True when the run is over: its step budget is spent or its target was reached."""
+        return self.step >= self.config.steps or self.target_reached is not None

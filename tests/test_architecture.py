@@ -23,7 +23,7 @@ FLOORS = [
     ["model"],
     ["data"],
     ["evaluate"],
-    ["probes"],
+    ["probes", "optim"],
     ["train"],
     ["viz"],
     ["experiments", "widgets", "bench"],

@@ -70,16 +70,18 @@ def test_generate_rejects_prompts_not_ending_in_answer():
         model.generate(batch)
 
 
-def test_same_seed_same_loss_curve_and_resume_continues_it(tmp_path):
-    straight = T.Trainer("sigma", TINY, seed=5, out_dir=tmp_path / "a", device="cpu")
+@pytest.mark.parametrize("optimizer", T.OPTIMIZERS)
+def test_same_seed_same_loss_curve_and_resume_continues_it(tmp_path, optimizer):
+    recipe = dataclasses.replace(TINY, optimizer=optimizer)
+    straight = T.Trainer("sigma", recipe, seed=5, out_dir=tmp_path / "a", device="cpu")
     straight.run(progress=False)
-    again = T.Trainer("sigma", TINY, seed=5, out_dir=tmp_path / "b", device="cpu")
+    again = T.Trainer("sigma", recipe, seed=5, out_dir=tmp_path / "b", device="cpu")
     again.run(progress=False)
     assert straight.loss_curve == again.loss_curve
 
-    interrupted = T.Trainer("sigma", TINY, seed=5, out_dir=tmp_path / "c", device="cpu")
+    interrupted = T.Trainer("sigma", recipe, seed=5, out_dir=tmp_path / "c", device="cpu")
     interrupted.run(stop_at=8, progress=False)                  # checkpoint at step 8, then "crash"
-    resumed = T.Trainer("sigma", TINY, seed=5, out_dir=tmp_path / "c", device="cpu")
+    resumed = T.Trainer("sigma", recipe, seed=5, out_dir=tmp_path / "c", device="cpu")
     resumed.load(tmp_path / "c" / "checkpoint.pt")
     assert resumed.step == 8
     resumed.run(progress=False)
@@ -98,6 +100,55 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
         trainer.run(progress=False)
     after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(saved[k], after[k]) for k in saved)
+
+
+def test_muon_takes_the_blocks_weight_matrices_and_adamw_everything_else():
+    trainer = T.Trainer("sigma", dataclasses.replace(TINY, optimizer="muon"), seed=0, device="cpu")
+    adamw, muon = trainer.optimizers
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, sr.optim.Muon)
+    owner = {id(p): type(o).__name__ for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
+    names = dict(trainer.model.named_parameters())
+    assert len(owner) == len(names)                      # every parameter in exactly one optimiser
+    for name, p in names.items():
+        expected = "Muon" if name.startswith("blocks.") and p.dim() == 2 else "AdamW"
+        assert owner[id(p)] == expected, name
+    assert owner[id(names["blocks.0.attn.q_proj.weight"])] == "Muon"
+    assert owner[id(names["token_embedding.weight"])] == "AdamW"        # tied with the output head
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        T.Trainer("sigma", dataclasses.replace(TINY, optimizer="sgd"), seed=0, device="cpu")
+
+
+def test_training_stops_at_the_target_and_records_when(tmp_path):
+    """A target of 0 is reached at the first check: the run stops there, says when, and a resume adds nothing."""
+    recipe = dataclasses.replace(TINY, target_exact_match=0.0, target_every=6, target_samples=4)
+    trainer = T.Trainer("gated", recipe, seed=0, out_dir=tmp_path, device="cpu")
+    trainer.run(progress=False)
+    assert trainer.step == 6 and trainer.finished
+    assert trainer.target_reached == {"step": 6, "train_seconds": trainer.train_seconds,
+                                      "exact_match": trainer.exact_match_curve[-1][2]}
+    resumed = T.Trainer("gated", recipe, seed=0, out_dir=tmp_path, device="cpu")
+    resumed.load(tmp_path / "checkpoint.pt")
+    assert resumed.finished and resumed.target_reached == trainer.target_reached
+    resumed.run(progress=False)
+    assert resumed.step == 6
+
+
+def test_an_unreachable_target_trains_the_whole_budget_and_checks_at_each_interval():
+    recipe = dataclasses.replace(TINY, target_exact_match=1.0, target_every=5, target_samples=4)
+    trainer = T.Trainer("standard", recipe, seed=0, device="cpu")
+    trainer.run(progress=False)
+    assert trainer.step == TINY.steps and trainer.target_reached is None
+    assert [step for step, _, _ in trainer.exact_match_curve] == [5, 10]
+    seconds = [s for _, s, _ in trainer.exact_match_curve]
+    assert 0 < seconds[0] < seconds[1] <= trainer.train_seconds
+
+
+@pytest.mark.parametrize("field, value, expected", [("target_exact_match", 1.5, "between 0 and 1"),
+                                                     ("target_every", 0, "int >= 1"),
+                                                     ("optimizer", "sgd", "one of")])
+def test_train_config_rejects_bad_values(field, value, expected):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}.*{expected}"):
+        dataclasses.replace(TINY, **{field: value})
 
 
 def test_learning_rate_schedule():

@@ -6,14 +6,39 @@ import argparse
 import json
 import sys
 
-from . import bench, data, experiments, kernels, masks
+from . import bench, data, experiments, kernels, masks, speedrun
+from .runtime import machine_description
 
 
 def _bench(args) -> None:
+    if args.time_to_accuracy or args.speedrun_log or args.threads:
+        _speedrun(args)
+        return
     results = bench.run(sizes=args.sizes, repeats=args.repeats, memory=not args.no_memory,
                         crossover=args.crossover, train_step=args.train_step)
     if args.out:
         bench.save(results, args.out)
+        print(f"wrote {args.out}")
+
+
+def _speedrun(args) -> None:
+    """The learning-speed benchmarks: each prints its table; --out also writes tables and raw runs as JSON."""
+    print(f"machine: {machine_description()}\n", flush=True)
+    tables, runs = [], {}
+    if args.threads:
+        tables.append(speedrun.thread_table())
+        print(tables[-1].markdown() + "\n", flush=True)
+    if args.time_to_accuracy:
+        table, runs["time_to_accuracy"] = speedrun.time_to_accuracy_table(seeds=args.seeds)
+        tables.append(table)
+        print(table.markdown() + "\n", flush=True)
+    if args.speedrun_log:
+        table, runs["speedrun_log"] = speedrun.speedrun_log_table(seeds=args.seeds)
+        tables.append(table)
+        print(table.markdown() + "\n", flush=True)
+    if args.out:
+        bench.save({"machine": machine_description(), "runs": runs,
+                    "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows} for t in tables]}, args.out)
         print(f"wrote {args.out}")
 
 
@@ -60,11 +85,18 @@ def main(argv=None) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
     p.add_argument("--crossover", action="store_true", help="add the packed-vs-sdpa crossover table")
     p.add_argument("--train-step", action="store_true", help="add the tiny-model training-step table")
+    p.add_argument("--time-to-accuracy", action="store_true",
+                   help="instead: time to 95%% caption exact match for each attention (preset cpu)")
+    p.add_argument("--speedrun-log", action="store_true",
+                   help="instead: the speedrun log, each recipe change timed to 95%% against the one before")
+    p.add_argument("--threads", action="store_true",
+                   help="instead: a training step with 1 and 2 threads, the other core idle and busy")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of --time-to-accuracy and --speedrun-log")
     p.set_defaults(run=_bench)
 
     p = commands.add_parser("train", help="train one tiny MLLM and write DIR/metrics.json")
     p.add_argument("--attention", choices=["standard", "gated", "sigma"], required=True)
-    p.add_argument("--preset", choices=["ci", "cpu", "gpu"], default="cpu")
+    p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--backend", default="auto", help="attention kernel (default: auto)")
@@ -72,7 +104,7 @@ def main(argv=None) -> None:
     p.set_defaults(run=_train)
 
     p = commands.add_parser("compare", help="train standard, gated and SIGMA for several seeds; table and figures")
-    p.add_argument("--preset", choices=["ci", "cpu", "gpu"], default="cpu")
+    p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. N-1)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--attentions", nargs="+", default=["standard", "gated", "sigma"])

@@ -17,6 +17,7 @@ heads stay within a modality while decoding, and the result equals recomputing t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +52,8 @@ class ModelConfig:
     eos_id: int | None = None                # generate() stops a row here
     answer_id: int | None = None             # every prompt given to generate() ends with it
     ignore_index: int = -100                 # target value the loss skips
-    patch_dim: int = 192                     # flattened image patch (8 x 8 x RGB)
+    patch_dim: int = 192                     # flattened image patch (3 x 8 x 8, channels first)
+    patch_encoder: str = "linear"            # "linear" projection, or "conv": a 3x3 convolution and GELU first
     grid: int = 4                            # patches per image side: patch positions are (row, column)
 
     def __post_init__(self):
@@ -69,6 +71,31 @@ class ModelConfig:
         return AttentionConfig(hidden_size=self.hidden_size, num_heads=self.num_heads,
                                num_intra_heads=self.num_intra_heads, bias_init=self.bias_init,
                                use_gates=self.use_gates, use_stream_bias=self.use_stream_bias, backend=self.backend)
+
+
+PATCH_ENCODERS = ("linear", "conv")
+PATCH_CHANNELS = 16                          # feature maps of the "conv" patch encoder
+
+
+def patch_encoder(kind: str, patch_dim: int, hidden_size: int) -> nn.Module:
+    """[..., patch_dim] flattened RGB patches -> [..., hidden_size].
+
+    linear  one matrix, as in ViT and LLaVA's projector: each output is a weighted sum of pixels.
+    conv    a 3x3 convolution (16 maps) and GELU inside each patch, then the projection: edges and corners
+            before the transformer, which is what telling a diamond from a square needs. It stands in for
+            the pretrained vision encoder a real MLLM has; the patches stay separate tokens as before.
+    """
+    if kind == "linear":
+        return nn.Linear(patch_dim, hidden_size)
+    if kind != "conv":
+        raise ValueError(f"ModelConfig.patch_encoder must be one of {PATCH_ENCODERS}, got {kind!r}")
+    side = math.isqrt(patch_dim // 3)
+    if 3 * side * side != patch_dim:
+        raise ValueError(f"patch_encoder='conv' needs patch_dim = 3 x side x side, got patch_dim={patch_dim}")
+    return nn.Sequential(nn.Unflatten(-1, (3, side, side)),                  # [N, 3, side, side]
+                         nn.Conv2d(3, PATCH_CHANNELS, 3, padding=1), nn.GELU(),
+                         nn.Flatten(-3),                                      # [N, 16 * side * side]
+                         nn.Linear(PATCH_CHANNELS * side * side, hidden_size))
 
 
 class Block(nn.Module):
@@ -105,7 +132,7 @@ class TinyMLLM(nn.Module):
         H = config.hidden_size
         self.token_embedding = nn.Embedding(config.vocab_size, H)
         self.text_position = nn.Embedding(config.max_text_positions, H)
-        self.patch_embedding = nn.Linear(config.patch_dim, H)
+        self.patch_embedding = patch_encoder(config.patch_encoder, config.patch_dim, H)
         self.patch_row = nn.Embedding(config.grid, H)
         self.patch_col = nn.Embedding(config.grid, H)
         self.modality_embedding = nn.Embedding(NUM_MODALITIES, H)
@@ -131,10 +158,12 @@ class TinyMLLM(nn.Module):
             raise ValueError(f"text_position reaches {int(batch['text_position'].max())}; the model has "
                              f"max_text_positions={self.config.max_text_positions}")
         text = self.token_embedding(batch["tokens"]) + self.text_position(batch["text_position"])
+        is_image = batch["modality"] == IMAGE                                          # [B, S]
         row, col = batch["patch_index"] // self.config.grid, batch["patch_index"] % self.config.grid
-        image = self.patch_embedding(batch["patches"]) + self.patch_row(row) + self.patch_col(col)
-        is_image = (batch["modality"] == IMAGE)[..., None]
-        return torch.where(is_image, image, text) + self.modality_embedding(batch["modality"])
+        image = self.patch_row(row) + self.patch_col(col)                             # [B, S, H]
+        # Encode the patches at image positions only ([N, patch_dim] -> [N, H]); text positions hold none.
+        image = image.index_put((is_image,), self.patch_embedding(batch["patches"][is_image]) + image[is_image])
+        return torch.where(is_image[..., None], image, text) + self.modality_embedding(batch["modality"])
 
     def forward(self, batch: dict, return_details: bool = False, caches: list | None = None) -> ModelOutput:
         x = self.embed(batch)

@@ -10,7 +10,7 @@ what the course's speedrun needs.
 Why not torch.optim.Muon as it is: it runs the iteration in bfloat16, fast on GPUs, but CPUs without bf16
 matrix units emulate it: on the course's 2-core machine the optimiser step of the `cpu` model took 280 ms,
 three times its forward and backward pass. This class is torch.optim.Muon (same parameter groups, state and
-checkpoints) with one change: the iteration runs in the update's own dtype (float32). tests/test_train.py
+checkpoints) with one change: the iteration runs in the update's own dtype (float32). tests/test_model.py
 checks it against torch.optim.Muon step for step. Update sizes follow adjust_lr_fn="match_rms_adamw", so
 Muon and AdamW share one learning rate.
 """
@@ -27,18 +27,21 @@ NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalise(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """[A, B] -> [A, B]: approximately U V^T for update = U S V^T, by Newton-Schulz in the update's dtype."""
+    """[..., A, B] -> [..., A, B]: approximately U V^T for each update = U S V^T, by Newton-Schulz in the
+    update's dtype. A stack of same-shaped matrices goes through batched matmuls at once."""
     a, b, c = NEWTON_SCHULZ
-    wide = update.T if update.shape[0] > update.shape[1] else update      # iterate on the smaller Gram matrix
-    x = wide / wide.norm().clamp(min=eps)                                  # spectral norm <= 1
+    tall = update.shape[-2] > update.shape[-1]
+    x = update.mT if tall else update                                      # iterate on the smaller Gram matrix
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)              # spectral norm <= 1
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if update.shape[0] > update.shape[1] else x
+    return x.mT if tall else x
 
 
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon whose Newton-Schulz iteration runs in float32 (see the module docstring)."""
+    """torch.optim.Muon whose Newton-Schulz iteration runs in float32 (see the module docstring), on all the
+    same-shaped matrices of a parameter group at once (a model's q, k, v, o projections share a shape)."""
 
     def __init__(self, params, lr: float, weight_decay: float, momentum: float = 0.95):
         super().__init__(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
@@ -49,6 +52,7 @@ class Muon(torch.optim.Muon):
         if closure is not None:
             raise ValueError("Muon.step: closure is not supported, got a closure")
         for group in self.param_groups:
+            by_shape: dict[torch.Size, list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -57,9 +61,11 @@ class Muon(torch.optim.Muon):
                     state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
                 momentum = state["momentum_buffer"]
                 momentum.lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp(momentum, group["momentum"])                     # Nesterov
-                update = orthogonalise(update, group["ns_steps"], group["eps"])
+                by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(momentum, group["momentum"])))  # Nesterov
+            for shape, items in by_shape.items():
+                updates = orthogonalise(torch.stack([u for _, u in items]), group["ns_steps"], group["eps"])
                 # match_rms_adamw: scale so the update's RMS is AdamW's, whatever the matrix's shape.
-                scaled_lr = group["lr"] * 0.2 * math.sqrt(max(p.shape))
-                p.mul_(1 - group["lr"] * group["weight_decay"])                       # decoupled weight decay
-                p.add_(update, alpha=-scaled_lr)
+                scaled_lr = group["lr"] * 0.2 * math.sqrt(max(shape))
+                for (p, _), update in zip(items, updates):
+                    p.mul_(1 - group["lr"] * group["weight_decay"])                   # decoupled weight decay
+                    p.add_(update, alpha=-scaled_lr)

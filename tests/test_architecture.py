@@ -27,6 +27,7 @@ FLOORS = [
     ["train"],
     ["viz"],
     ["experiments", "widgets", "bench"],
+    ["speedrun"],
     ["__main__"],
 ]
 FLOOR = {name: level for level, names in enumerate(FLOORS) for name in names}

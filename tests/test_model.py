@@ -118,6 +118,31 @@ def test_muon_takes_the_blocks_weight_matrices_and_adamw_everything_else():
         T.Trainer("sigma", dataclasses.replace(TINY, optimizer="sgd"), seed=0, device="cpu")
 
 
+def test_float32_muon_follows_torch_muon_step_for_step():
+    """sigma_ref.optim.Muon is torch.optim.Muon with the Newton-Schulz iteration in float32 instead of bfloat16:
+    after several steps on the same gradients the weights agree to bfloat16's precision, and a plain
+    (non-orthogonalised) momentum step would not."""
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 256) * 0.02, torch.randn(96, 64) * 0.02]
+    ours = [torch.nn.Parameter(w.clone()) for w in weights]
+    theirs = [torch.nn.Parameter(w.clone()) for w in weights]
+    sgd = [torch.nn.Parameter(w.clone()) for w in weights]
+    optimizers = [sr.optim.Muon(ours, lr=3e-3, weight_decay=0.05),
+                  torch.optim.Muon(theirs, lr=3e-3, weight_decay=0.05, adjust_lr_fn="match_rms_adamw"),
+                  torch.optim.SGD(sgd, lr=3e-3, momentum=0.95, nesterov=True)]
+    for _ in range(5):
+        grads = [torch.randn_like(w) for w in weights]
+        for params, optimizer in zip((ours, theirs, sgd), optimizers):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for mine, reference, start, plain in zip(ours, theirs, weights, sgd):
+        moved = (reference - start).abs().max()
+        assert (mine - reference).abs().max() < 0.02 * moved
+        assert (plain - reference).abs().max() > 0.5 * moved
+    assert set(optimizers[0].state_dict()["state"][0]) == set(optimizers[1].state_dict()["state"][0])
+
+
 def test_training_stops_at_the_target_and_records_when(tmp_path):
     """A target of 0 is reached at the first check: the run stops there, says when, and a resume adds nothing."""
     recipe = dataclasses.replace(TINY, target_exact_match=0.0, target_every=6, target_samples=4)

@@ -1,0 +1,48 @@
+"""The speedrun's pieces: the recipe ladder ends at the preset, time-to-target reports what training did, and
+the thread table measures both thread counts under both loads."""
+
+import dataclasses
+
+import pytest
+
+from sigma_ref import speedrun
+from sigma_ref import train as T
+
+TINY = T.TrainConfig(hidden_size=32, num_layers=2, num_heads=4, steps=12, batch_size=8, warmup_steps=3,
+                     eval_every=4, eval_samples=8, checkpoint_every=4)
+
+
+def test_the_ladder_starts_at_the_old_recipe_and_ends_at_the_cpu_preset():
+    recipes = speedrun.ladder_recipes()
+    first, last = recipes[0][1], recipes[-1][1]
+    assert (first.hidden_size, first.num_layers, first.optimizer, first.steps) == (96, 3, "adamw", 3000)
+    preset = T.PRESETS["cpu"]
+    # Only the stopping rule and the logging intervals differ: the speedrun sets its own target.
+    bookkeeping = ("target_exact_match", "target_every", "eval_every", "checkpoint_every")
+    assert dataclasses.replace(last, **{f: getattr(preset, f) for f in bookkeeping}) == preset
+    for (_, before), (change, after) in zip(recipes, recipes[1:]):
+        assert before != after, f"rung {change!r} changes nothing"
+
+
+def test_time_to_target_reports_the_step_and_seconds_where_training_stopped():
+    reached = dataclasses.replace(TINY, target_exact_match=0.0, target_every=4, target_samples=4)
+    missed = dataclasses.replace(TINY, target_exact_match=1.0, target_every=4, target_samples=4)
+    jobs = [{"attention": "sigma", "seed": 0, "config": reached}, {"attention": "gated", "seed": 1, "config": missed}]
+    first, second = speedrun.run_to_target(jobs, workers=1, progress=False)
+    assert first["reached"] and first["step"] == 4 and first["seconds"] > 0
+    assert not second["reached"] and second["step"] == TINY.steps and second["seconds"] > first["seconds"] * 0.5
+    assert (first["attention"], first["seed"], second["attention"], second["seed"]) == ("sigma", 0, "gated", 1)
+    for result in (first, second):
+        assert 0 <= result["caption_exact_match"] <= 1 and 0 <= result["compositional_exact_match"] <= 1
+
+
+def test_summary_rows_are_median_min_max_and_how_many_reached():
+    results = [{"seconds": s, "reached": r, "step": st, "caption_exact_match": 0.9, "compositional_exact_match": 0.5}
+               for s, r, st in [(30.0, True, 600), (10.0, True, 400), (20.0, False, 700)]]
+    assert speedrun._summary(results) == [20.0, 10.0, 30.0, "2/3", 600, pytest.approx(0.9), pytest.approx(0.5)]
+
+
+def test_thread_table_measures_both_thread_counts_with_the_other_core_idle_and_busy():
+    table = speedrun.thread_table(repeats=2, progress=False)
+    assert [(row[0], row[1]) for row in table.rows] == [(1, "idle"), (2, "idle"), (1, "busy"), (2, "busy")]
+    assert all(row[2] > 0 for row in table.rows) and table.rows[0][3] == 1.0

@@ -21,6 +21,8 @@ The package map, one concept per module, imports flowing one way (each module im
     widgets       ipywidgets panels over plain, tested callbacks
     bench         attention, memory and training-step benchmarks
     speedrun      time-to-accuracy, the recipe's speedrun log, training threads
+    gpucheck      `gpu-check`: backends vs math in bf16, the GPU benchmark, the gpu preset (CUDA only)
+    dilution      the dilution experiment: two training mixes, 0..8k irrelevant image tokens, SIGMA's ablations
     runtime       fast mode, device, where runs live, atomic writes (used by every floor; imports none)
 
 `import sigma_ref` loads the core (masks, kernels, attention) only; every other module is imported on first
@@ -60,7 +62,7 @@ from .runtime import course_preset, course_seeds, fast_mode
 
 __version__ = "0.2.0"
 
-_LAZY_MODULES = ("model", "data", "evaluate", "probes", "optim", "train", "viz", "experiments", "widgets", "bench", "speedrun", "runtime")
+_LAZY_MODULES = ("model", "data", "evaluate", "probes", "optim", "train", "viz", "experiments", "widgets", "bench", "speedrun", "gpucheck", "dilution", "runtime")
 _LAZY_NAMES = {"TinyMLLM": "model", "ModelConfig": "model"}
 
 

@@ -1,4 +1,4 @@
-"""Command line: python -m sigma_ref {train,compare,figures,bench,data,demo} ... (each has --help)."""
+"""Command line: python -m sigma_ref {train,compare,figures,bench,dilution,gpu-check,data,demo} ... (each has --help)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import bench, data, experiments, kernels, masks, speedrun
+from . import bench, data, dilution, experiments, gpucheck, kernels, masks, speedrun
 from .runtime import machine_description
 
 
@@ -50,6 +50,18 @@ def _train(args) -> None:
 
 def _compare(args) -> None:
     experiments.compare(args.preset, args.seeds, args.out, attentions=args.attentions, backend=args.backend)
+
+
+def _dilution(args) -> None:
+    dilution.run_dilution(args.seeds, args.out, ablations=args.ablations, workers=args.workers)
+
+
+def _gpu_check(args) -> None:
+    try:
+        gpucheck.run_gpu_check(args.out)
+    except ValueError as error:
+        print(f"gpu-check: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _figures(args) -> None:
@@ -110,6 +122,19 @@ def main(argv=None) -> None:
     p.add_argument("--attentions", nargs="+", default=["standard", "gated", "sigma"])
     p.add_argument("--backend", default="auto")
     p.set_defaults(run=_compare)
+
+    p = commands.add_parser("dilution", help="does SIGMA stop the dilution? 3 attentions x 2 training mixes x seeds, "
+                                                "text-only accuracy with 0..8k irrelevant image tokens")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. N-1)")
+    p.add_argument("--out", default="results/dilution", help="output directory (default: results/dilution)")
+    p.add_argument("--ablations", action="store_true", help="also train SIGMA's ablation grid (ModelConfig switches)")
+    p.add_argument("--workers", type=int, default=None, help="parallel training processes (default: one per core)")
+    p.set_defaults(run=_dilution)
+
+    p = commands.add_parser("gpu-check", help="on CUDA: backends vs math in bf16, the benchmark to N=16384, the "
+                                                 "gpu preset; writes OUT/gpu_check.json and .md (exits 1 without CUDA)")
+    p.add_argument("--out", default="results/gpu", help="output directory (default: results/gpu)")
+    p.set_defaults(run=_gpu_check)
 
     p = commands.add_parser("figures", help="(re)draw the figures of a finished compare run from its results.json")
     p.add_argument("dir", help="the compare output directory")

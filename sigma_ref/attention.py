@@ -226,7 +226,8 @@ class _Attention(nn.Module):
             first_call = cache.k is None
             cache.append(k, v, layout.ids)
             if not first_call:
-                out = kernels.decode_attention(q, cache.k, cache.v, cache.modality_ids, self.num_intra_heads)
+                out = kernels.decode_attention(q, cache.k, cache.v, cache.modality_ids, self.num_intra_heads,
+                                               backend=self.config.backend)
                 B, H, S, d = out.shape
                 return out.transpose(1, 2).reshape(B, S, H * d), None
         want_probs = return_details and self.config.backend == "math"

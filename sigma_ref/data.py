@@ -200,27 +200,33 @@ class Example:
 
 
 def encode(scene: dict, inserted_image_tokens: int = 0, inserted_kind: str = "blank",
-           generator: torch.Generator | None = None) -> Example:
+           generator: torch.Generator | None = None, inserted_at: int | None = None) -> Example:
     """Turn a scene into a sequence. `inserted_image_tokens` (expand task only): blank or noise image tokens
-    put between the attribute list and <answer>, for the dilution experiment."""
+    that carry nothing about the caption, for the dilution experiment; they go after the first `inserted_at`
+    words of the attribute list (default: after all of them, right before <answer>)."""
     caption = caption_words(scene)
     if scene["task"] == "describe":
-        prompt = ["describe"]
+        before, after = ["describe"], []
         patches = patchify(render(scene))
     else:
-        prompt = ["expand"] + terse_words(scene)
+        words = terse_words(scene)
+        at = len(words) if inserted_at is None else inserted_at
+        if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at <= len(words):
+            raise ValueError(f"inserted_at must be an int in 0..{len(words)} (words of the list), got {inserted_at!r}")
         if inserted_kind not in ("blank", "noise"):
             raise ValueError(f"inserted_kind must be 'blank' or 'noise', got {inserted_kind!r}")
+        before, after = ["expand"] + words[:at], words[at:]
         if inserted_kind == "blank":
             patches = torch.zeros(inserted_image_tokens, PATCH_DIM)
         else:
             patches = torch.rand(inserted_image_tokens, PATCH_DIM, generator=generator)
     n_image = patches.shape[0]
-    tokens = [TOKEN_ID[w] for w in prompt] + [IMAGE_TOKEN] * n_image + [ANSWER]
+    tokens = [TOKEN_ID[w] for w in before] + [IMAGE_TOKEN] * n_image + [TOKEN_ID[w] for w in after] + [ANSWER]
     answer_start = len(tokens)
     tokens += [TOKEN_ID[w] for w in caption] + [EOS]
-    modality = [TEXT] * len(prompt) + [IMAGE] * n_image + [TEXT] * (len(tokens) - len(prompt) - n_image)
-    patch_index = [0] * len(prompt) + [i % NUM_PATCHES for i in range(n_image)] + [0] * (len(tokens) - len(prompt) - n_image)
+    rest = len(tokens) - len(before) - n_image
+    modality = [TEXT] * len(before) + [IMAGE] * n_image + [TEXT] * rest
+    patch_index = [0] * len(before) + [i % NUM_PATCHES for i in range(n_image)] + [0] * rest
     return Example(tokens, modality, patch_index, patches, answer_start, caption)
 
 
@@ -259,16 +265,33 @@ class DataStream:
 
     Seeds start at TRAIN_SEED_BASE, far from the fixed splits' seeds (1-4). `rng.getstate()` is what a
     checkpoint stores so that a resumed run sees exactly the batches it would have seen.
+
+    max_irrelevant_images = k > 0 is the dilution experiment's training mix: every text-only sample carries
+    a random number 0..k of blank or noise image tokens at a random place in its attribute list, so image
+    tokens that say nothing are in distribution. k = 0 (the default) never inserts any, and draws exactly the
+    random numbers it always drew, so its batches are unchanged.
     """
 
-    def __init__(self, batch_size: int, seed: int, text_only_fraction: float = 0.25):
+    def __init__(self, batch_size: int, seed: int, text_only_fraction: float = 0.25, max_irrelevant_images: int = 0):
+        if isinstance(max_irrelevant_images, bool) or not isinstance(max_irrelevant_images, int) or max_irrelevant_images < 0:
+            raise ValueError(f"max_irrelevant_images must be an int >= 0, got {max_irrelevant_images!r}")
         self.batch_size, self.text_only_fraction = batch_size, text_only_fraction
+        self.max_irrelevant_images = max_irrelevant_images
         self.rng = random.Random(TRAIN_SEED_BASE + seed)
 
     def next(self) -> dict:
         scenes = [sample_scene(self.rng, "expand" if self.rng.random() < self.text_only_fraction else "describe")
                   for _ in range(self.batch_size)]
-        return collate([encode(s) for s in scenes])
+        return collate([self._encode(s) for s in scenes])
+
+    def _encode(self, scene: dict) -> Example:
+        if scene["task"] != "expand" or not self.max_irrelevant_images:
+            return encode(scene)
+        count = self.rng.randint(0, self.max_irrelevant_images)
+        kind = self.rng.choice(("blank", "noise"))
+        at = self.rng.randint(0, len(terse_words(scene)))
+        noise = torch.Generator().manual_seed(self.rng.getrandbits(62))      # no global torch RNG is touched
+        return encode(scene, count, kind, noise, at)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
+from .kernels import flash
 from .model import ModelConfig, TinyMLLM
 
 DILUTION_TOKENS = (0, 16, 64)          # image tokens inserted into the text-only task
@@ -98,12 +99,15 @@ def evaluate_all(model: TinyMLLM, samples: int) -> dict:
 def load_model(checkpoint: str | Path, device="cpu") -> TinyMLLM:
     """A trained TinyMLLM from a checkpoint written by the trainer, in eval mode, on any device.
 
-    A model trained with backend="flash" (CUDA only) is loaded with backend="auto" where flash cannot run,
-    and a warning says so: the weights are the same, only the kernel changes.
+    A model trained with backend="flash" is loaded with backend="auto" where flash cannot run (a CPU without
+    a substitute), and a warning says so: the weights are the same, only the kernel changes. The precision
+    policy (ModelConfig.precision) travels with the model.
     """
     state = torch.load(checkpoint, map_location=device, weights_only=False)
     fields = dict(state["model_config"], bias_init=tuple(map(tuple, state["model_config"]["bias_init"])))
-    if fields["backend"] == "flash" and torch.device(device).type != "cuda":
+    device_type = torch.device(device).type
+    flash_here = flash.implementation(device_type)
+    if fields["backend"] == "flash" and (flash_here is None or (flash_here.requires_cuda and device_type != "cuda")):
         warnings.warn(f"{checkpoint} was trained with backend='flash', which needs CUDA; loading it on "
                       f"{device} with backend='auto' (same weights, another exact kernel)", stacklevel=2)
         fields["backend"] = "auto"

@@ -40,11 +40,12 @@ class ModelConfig:
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 8
-    num_intra_heads: int | None = None       # SIGMA: None = half
+    num_intra_heads: int | tuple | None = None   # SIGMA: None = half; a tuple: one value per layer
     bias_init: tuple = DEFAULT_BIAS_INIT
     use_gates: bool = True
     use_stream_bias: bool = True
     backend: str = "auto"
+    precision: str = "float32"               # or "bfloat16": every forward runs under bf16 autocast (any device)
     mlp_ratio: int = 4
     max_text_positions: int = 64
     vocab_size: int | None = None            # the tokenizer's: required
@@ -63,16 +64,30 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"ModelConfig.{name} must be an int >= {low} from your tokenizer, got {value!r} "
                                  "(the toy set's: ModelConfig(..., **sigma_ref.data.model_fields()))")
+        if isinstance(self.num_intra_heads, list):
+            self.num_intra_heads = tuple(self.num_intra_heads)          # a checkpoint's JSON-like list
+        if isinstance(self.num_intra_heads, tuple) and len(self.num_intra_heads) != self.num_layers:
+            raise ValueError(f"ModelConfig.num_intra_heads as a tuple needs one value per layer ({self.num_layers}), "
+                             f"got {self.num_intra_heads!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"ModelConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("pad_id", "eos_id", "answer_id"):
             if getattr(self, name) >= self.vocab_size:
                 raise ValueError(f"ModelConfig.{name} = {getattr(self, name)} is not below vocab_size = {self.vocab_size}")
 
-    def attention_config(self) -> AttentionConfig:
+    def intra_heads_of_layer(self, layer: int) -> int | None:
+        """SIGMA's split in one layer: the same everywhere, or per layer (e.g. (4, 4, 0, 0): intra early only)."""
+        if isinstance(self.num_intra_heads, (tuple, list)):
+            return self.num_intra_heads[layer]
+        return self.num_intra_heads
+
+    def attention_config(self, layer: int = 0) -> AttentionConfig:
         return AttentionConfig(hidden_size=self.hidden_size, num_heads=self.num_heads,
-                               num_intra_heads=self.num_intra_heads, bias_init=self.bias_init,
+                               num_intra_heads=self.intra_heads_of_layer(layer), bias_init=self.bias_init,
                                use_gates=self.use_gates, use_stream_bias=self.use_stream_bias, backend=self.backend)
 
 
+PRECISIONS = ("float32", "bfloat16")
 PATCH_ENCODERS = ("linear", "conv")
 PATCH_CHANNELS = 16                          # feature maps of the "conv" patch encoder
 
@@ -101,10 +116,10 @@ def patch_encoder(kind: str, patch_dim: int, hidden_size: int) -> nn.Module:
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.norm_attn = nn.LayerNorm(config.hidden_size)
-        self.attn = make_attention(config.attention, config.attention_config())
+        self.attn = make_attention(config.attention, config.attention_config(layer))
         self.norm_mlp = nn.LayerNorm(config.hidden_size)
         self.mlp = nn.Sequential(nn.Linear(config.hidden_size, config.mlp_ratio * config.hidden_size), nn.GELU(),
                                  nn.Linear(config.mlp_ratio * config.hidden_size, config.hidden_size))
@@ -136,7 +151,7 @@ class TinyMLLM(nn.Module):
         self.patch_row = nn.Embedding(config.grid, H)
         self.patch_col = nn.Embedding(config.grid, H)
         self.modality_embedding = nn.Embedding(NUM_MODALITIES, H)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.num_layers))
         self.norm = nn.LayerNorm(H)
         self.lm_head = nn.Linear(H, config.vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight          # tied, as in GPT-2 and nanoGPT
@@ -166,6 +181,15 @@ class TinyMLLM(nn.Module):
         return torch.where(is_image[..., None], image, text) + self.modality_embedding(batch["modality"])
 
     def forward(self, batch: dict, return_details: bool = False, caches: list | None = None) -> ModelOutput:
+        # THE PRECISION POLICY, in one place: a bfloat16 model computes every forward under bf16 autocast, in
+        # training, validation, the probes, evaluate and generate alike, on CUDA and on CPU. (The flash kernels
+        # accept only fp16/bf16; a policy that covered only the training step crashed at the first evaluation.)
+        if self.config.precision == "bfloat16":
+            with torch.autocast(batch["tokens"].device.type, dtype=torch.bfloat16):
+                return self._forward(batch, return_details, caches)
+        return self._forward(batch, return_details, caches)
+
+    def _forward(self, batch: dict, return_details: bool, caches: list | None) -> ModelOutput:
         x = self.embed(batch)
         # One layout per forward: the modality ids are checked once here, and every layer shares the masks or
         # packing plan derived from them. Padding (right only) is skipped by the packing kernels.

@@ -48,9 +48,9 @@ def real_tokens(batch: dict) -> torch.Tensor:
     return batch["tokens"] != D.PAD
 
 
-def head_streams(model) -> list[str]:
-    """'intra' or 'global' for each head (standard and gated attention: all global)."""
-    split = model.blocks[0].attn.num_intra_heads
+def head_streams(model, layer: int = 0) -> list[str]:
+    """'intra' or 'global' for each head of a layer (standard and gated attention: all global)."""
+    split = model.blocks[layer].attn.num_intra_heads
     return ["intra" if h < split else "global" for h in range(model.config.num_heads)]
 
 

@@ -13,7 +13,12 @@ that would fail on a GPU fails here too:
       max_seqlen_q / max_seqlen_k Python ints, UPPER bounds (at least the longest segment);
     - causal=True aligns the mask BOTTOM-RIGHT when a segment's query and key lengths differ (flash-attn >= 2.1):
       query i of Lq sees keys j <= i + Lk - Lq, so a single decoding query sees every cached key; a query row
-      with no key gets zeros.
+      with no key gets zeros;
+    - with_kvcache: q [B, T, H, d] over the first cache_seqlens[b] cache entries (all when None), after writing
+      new k/v into the cache in place when given; k_cache must have a contiguous last dimension.
+It also has torch's `varlen_attn` (torch.nn.attention.varlen, the kernel the flash backend uses on CUDA without
+flash-attn), with torch's keywords: `scale`, `window_size=(-1, 0)` for causal, `enable_gqa`. Substitute
+`flash_double.torch_varlen` to run the flash backend's torch-varlen path on CPU.
 It computes in fp32, one segment at a time: slow, exact, a test tool and not a kernel.
 """
 
@@ -25,7 +30,8 @@ __all__ = ["flash_double"]
 
 
 class _FlashDouble:
-    """A module-like object: flash_attn_varlen_func and flash_attn_func, as in flash_attn 2.8."""
+    """A module-like object: flash_attn_varlen_func, flash_attn_func and flash_attn_with_kvcache, as in
+    flash_attn 2.8."""
 
     __name__ = "sigma_ref.testing.flash_double"
 
@@ -120,6 +126,65 @@ class _FlashDouble:
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
         return torch.stack([self._attend(q[b], k[b], v[b], scale, causal) for b in range(q.shape[0])]).to(q.dtype)
 
+    def flash_attn_with_kvcache(self, q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                                cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                                softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+        """q [B, T, H, d] over the first cache_seqlens[b] entries of k_cache/v_cache [B, S_cache, H_kv, d] (all S_cache
+        when None); with k, v [B, T_new, H_kv, d] they are first written into the cache at cache_seqlens, in place."""
+        self.calls.append("flash_attn_with_kvcache")
+        self._check_tensors(q, k_cache, v_cache, 4, "[batch, seq, heads, head_dim]")
+        batch, cache_len = k_cache.shape[:2]
+        if q.shape[0] != batch:
+            raise RuntimeError(f"flash double: batch sizes differ, q {q.shape[0]}, k_cache {batch}")
+        if (k is None) != (v is None):
+            raise RuntimeError("flash double: k and v must be given together")
+        if rotary_cos is not None or rotary_sin is not None or cache_batch_idx is not None or cache_leftpad is not None \
+                or return_softmax_lse:
+            raise NotImplementedError("flash double: rotary embeddings, cache_batch_idx, cache_leftpad and returned "
+                                      "log-sum-exp are not modelled")
+        self._check_unsupported(0.0, window_size, softcap, alibi_slopes, False, block_table)
+        if cache_seqlens is None:
+            lengths = [cache_len] * batch if k is None else None
+            if k is not None:
+                raise RuntimeError("flash double: appending k/v needs cache_seqlens")
+        elif isinstance(cache_seqlens, int):
+            lengths = [cache_seqlens] * batch
+        else:
+            if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (batch,):
+                raise RuntimeError(f"flash double: cache_seqlens must be an int or int32 [batch], got "
+                                   f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+            lengths = cache_seqlens.tolist()
+        if k is not None:
+            self._check_tensors(q, k, v, 4, "[batch, seq, heads, head_dim]")
+            for b, start in enumerate(lengths):
+                if start + k.shape[1] > cache_len:
+                    raise RuntimeError(f"flash double: row {b} overflows the cache ({start} + {k.shape[1]} > {cache_len})")
+                k_cache[b, start:start + k.shape[1]] = k[b]
+                v_cache[b, start:start + v.shape[1]] = v[b]
+            lengths = [n + k.shape[1] for n in lengths]
+        if any(not 0 <= n <= cache_len for n in lengths):
+            raise RuntimeError(f"flash double: cache_seqlens must lie in 0..{cache_len}, got {lengths}")
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        rows = [self._attend(q[b], k_cache[b, :n], v_cache[b, :n], scale, causal) if n else
+                torch.zeros(q.shape[1:], device=q.device) for b, n in enumerate(lengths)]
+        return torch.stack(rows).to(q.dtype)
+
+    # -- torch's own varlen kernel (torch.nn.attention.varlen.varlen_attn, torch >= 2.10) ------------------
+
+    def varlen_attn(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+        """torch's signature; causal is window_size=(-1, 0), aligned bottom-right like flash-attn's windows."""
+        self.calls.append("varlen_attn")
+        if tuple(window_size) not in ((-1, -1), (-1, 0)) or return_aux is not None or seqused_k is not None \
+                or block_table is not None:
+            raise NotImplementedError("flash double: sliding windows, aux outputs, seqused_k and paged caches are "
+                                      "not modelled")
+        if key.shape[-2] != query.shape[-2] and not enable_gqa:
+            raise RuntimeError("flash double: key/value have fewer heads than query; pass enable_gqa=True")
+        return self.flash_attn_varlen_func(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, softmax_scale=scale,
+                                           causal=tuple(window_size) == (-1, 0))
+
     @staticmethod
     def _check_unsupported(dropout_p, window_size, softcap, alibi_slopes, return_attn_probs, block_table):
         """The double implements what sigma_ref uses; anything else is refused rather than silently ignored."""
@@ -129,4 +194,14 @@ class _FlashDouble:
                                       "paged caches are not modelled")
 
 
+class _TorchVarlenView:
+    """flash_double seen as torch's varlen module: only `varlen_attn`, so substitute() takes torch's path."""
+
+    __name__ = "sigma_ref.testing.flash_double.torch_varlen"
+
+    def __init__(self, double: _FlashDouble):
+        self.varlen_attn = double.varlen_attn
+
+
 flash_double = _FlashDouble()
+flash_double.torch_varlen = _TorchVarlenView(flash_double)

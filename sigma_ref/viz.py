@@ -223,5 +223,73 @@ def dilution_figure(runs: dict[str, list[dict]], kind: str = "blank") -> plt.Fig
                                  f"Dilution: text-only task with {kind} image tokens")
 
 
+def dilution_curves_figure(curves: dict, counts, max_train: int) -> plt.Figure:
+    """curves[(mix, kind)][model] = per-seed lists of accuracy over `counts`; one panel per (mix, kind).
+
+    The x axis is symlog (0 is a count too); the shaded band marks what the irrelevant-images mix trained on.
+    """
+    mixes = sorted({mix for mix, _ in curves}, reverse=True)
+    kinds = sorted({kind for _, kind in curves})
+    fig, axes = plt.subplots(len(mixes), len(kinds), figsize=(5 * len(kinds), 3.4 * len(mixes)),
+                             constrained_layout=True, squeeze=False, sharey=True)
+    for row, mix in enumerate(mixes):
+        for col, kind in enumerate(kinds):
+            ax = axes[row][col]
+            for i, (model, per_seed) in enumerate(curves[(mix, kind)].items()):
+                mean, std = _mean_std(per_seed)
+                shift = 1 + 0.04 * (i - 1)          # models side by side, so overlapping lines stay visible
+                ax.errorbar(np.array(counts) * shift, mean, yerr=std, marker="o", capsize=3, alpha=0.85,
+                            color=MODEL_COLOURS.get(model, "k"), label=model)
+            if mix != "text only":
+                ax.axvspan(0, max_train, color="0.9", zorder=0, label=f"trained with 0..{max_train}")
+            ax.set_xscale("symlog", linthresh=max(1, counts[1]))
+            ax.set_xticks(list(counts), [str(c) for c in counts])
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_xlabel(f"{kind} image tokens inserted")
+            ax.set_ylabel("text-only exact match")
+            ax.set_title(f"trained on: {mix}")
+            ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle("Dilution: text-only accuracy with irrelevant image tokens (mean ± std over seeds)")
+    return fig
+
+
+def ablation_figure(values: dict[str, list[float]], label: str, title: str) -> plt.Figure:
+    """Horizontal bars, one per variant: mean ± std over seeds, with the per-seed values as dots."""
+    names = list(values)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2), constrained_layout=True)
+    means = [np.mean(values[n]) for n in names]
+    stds = [np.std(values[n]) for n in names]
+    ax.barh(range(len(names)), means, xerr=stds, color=[MODEL_COLOURS["sigma"] if n == "sigma" else "0.6"
+                                                          for n in names], capsize=3, alpha=0.7)
+    for i, n in enumerate(names):
+        ax.plot(values[n], [i] * len(values[n]), "k.", markersize=5)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel(label)
+    ax.set_title(title)
+    return fig
+
+
+def text_gates_figure(histories: dict[str, list[dict]], title: str) -> plt.Figure:
+    """The global gate on TEXT tokens over training (mean over layers and seeds), per model and probe batch."""
+    styles = {"gates": ("describe samples", "-"), "gates_expand": ("expand, no images", "--"),
+              "gates_expand_images": ("expand + 16 blank images", ":")}
+    fig, ax = plt.subplots(figsize=(7, 3.6), constrained_layout=True)
+    for model, per_seed in histories.items():
+        for key, (name, style) in styles.items():
+            curves = [[np.mean([layer["global"]["text"] for layer in h[key] if "global" in layer]) for h in history]
+                      for history in per_seed]
+            steps = [h["step"] for h in per_seed[0]]
+            length = min(len(c) for c in curves)
+            ax.plot(steps[:length], np.mean([c[:length] for c in curves], axis=0), style,
+                    color=MODEL_COLOURS.get(model, "k"), label=f"{model}: {name}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("global gate on text tokens")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
 if __name__ == "__main__":
     head_masks_figure(M.layout("T3 I6 T4"), 8, 4).savefig(sys.argv[1] if len(sys.argv) > 1 else "head_masks.png")

@@ -27,7 +27,7 @@ FLOORS = [
     ["train"],
     ["viz"],
     ["experiments", "widgets", "bench"],
-    ["speedrun"],
+    ["speedrun", "gpucheck", "dilution"],
     ["__main__"],
 ]
 FLOOR = {name: level for level, names in enumerate(FLOORS) for name in names}

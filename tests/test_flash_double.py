@@ -82,3 +82,39 @@ def test_unmodelled_options_are_refused_not_ignored():
     q = torch.randn(1, 4, 2, 8).bfloat16()
     with pytest.raises(NotImplementedError):
         fd.flash_attn_func(q, q, q, dropout_p=0.1)
+
+
+@settings(max_examples=20)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(0, 6), st.sampled_from([(4, 4), (4, 2)]), st.booleans())
+def test_kvcache_matches_dense_reference(batch, new, cached, heads, append):
+    """q [B, T, H, d] over a cache: the first cache_seqlens[b] entries (different per row), optionally after
+    writing T new keys at cache_seqlens in place; bottom-right causal as in varlen."""
+    h, h_kv = heads
+    g = torch.Generator().manual_seed(batch * 100 + new * 10 + cached)
+    capacity = cached + new + 2
+    q = torch.randn(batch, new, h, 8, generator=g).bfloat16()
+    k_cache, v_cache = (torch.randn(batch, capacity, h_kv, 8, generator=g).bfloat16() for _ in range(2))
+    seqlens = torch.tensor([max(0, cached - b) for b in range(batch)], dtype=torch.int32)
+    k_new, v_new = (torch.randn(batch, new, h_kv, 8, generator=g).bfloat16() for _ in range(2))
+    before = k_cache.clone()
+    out = fd.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new if append else None, v=v_new if append else None,
+                                     cache_seqlens=seqlens, causal=True)
+    for b in range(batch):
+        n = int(seqlens[b])
+        if append:
+            assert torch.equal(k_cache[b, n:n + new], k_new[b]) and torch.equal(k_cache[b, :n], before[b, :n])
+            n += new
+        else:
+            assert torch.equal(k_cache, before)
+        torch.testing.assert_close(out[b].float(), dense_reference(q[b], k_cache[b, :n], v_cache[b, :n], True),
+                                   atol=1e-2, rtol=1e-2)
+
+
+def test_kvcache_without_seqlens_uses_the_whole_cache_and_refuses_a_strided_cache():
+    q = torch.randn(2, 1, 2, 8).bfloat16()
+    k, v = torch.randn(2, 2, 5, 2, 8).bfloat16().unbind(0)
+    out = fd.flash_attn_with_kvcache(q, k, v, causal=True)
+    torch.testing.assert_close(out[1].float(), dense_reference(q[1], k[1], v[1], causal=False), atol=1e-2, rtol=1e-2)
+    strided = torch.randn(2, 5, 2, 16).bfloat16()[..., ::2]
+    with pytest.raises(RuntimeError, match="contiguous last dimension"):
+        fd.flash_attn_with_kvcache(q, strided, v, causal=True)

@@ -88,18 +88,27 @@ def test_flex_refuses_backward_on_cpu_with_a_clear_message():
 
 # --- flash: the packing around flash-attn, run on CPU through the seam and the flash-attn double ----------
 
+FLASH_FLAVOURS = {"flash-attn": flash_double, "torch varlen_attn": flash_double.torch_varlen}
+
+
+@pytest.mark.parametrize("flavour", FLASH_FLAVOURS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @given(ids=modality_rows(max_len=48), grouped=st.sampled_from([True, False]))
 @settings(max_examples=20)
-def test_flash_packing_through_the_double(dtype, ids, grouped):
+def test_flash_packing_through_the_double(flavour, dtype, ids, grouped):
+    """Both implementations the flash backend can find on CUDA: flash-attn's functions, and torch's own
+    varlen_attn wrapped as flash.py wraps it (feature detection picks one; the seam takes either)."""
     groups = ids if grouped else None
     q, k, v = random_qkv(ids, heads=2, dim=8, dtype=dtype, requires_grad=True)
     # Reference: the exact fp32 answer on the same (rounded) inputs; the double computes in fp32 and rounds
     # once at the end, so the only difference is one rounding to the half-precision output.
     reference, _ = sr.grouped_causal_attention(q.float(), k.float(), v.float(), groups, backend="math")
-    with flash.substitute(flash_double):
+    flash_double.calls.clear()
+    with flash.substitute(FLASH_FLAVOURS[flavour]):
         out, _ = sr.grouped_causal_attention(q, k, v, groups, backend="flash")
         assert kernels.resolve_backend("auto", q) == "flash"
+    assert set(flash_double.calls) == ({"varlen_attn", "flash_attn_varlen_func"} if flavour == "torch varlen_attn"
+                                       else {"flash_attn_varlen_func" if grouped else "flash_attn_func"})
     assert out.dtype == dtype and out.shape == q.shape
     tolerance = {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(out.float(), reference, atol=tolerance, rtol=tolerance)
@@ -141,7 +150,7 @@ def test_flash_errors_name_the_alternative():
         with pytest.raises(ValueError, match="head_dim <= 256, got 264"):
             sr.grouped_causal_attention(big, big, big, ids, backend="flash")
         assert kernels.resolve_backend("auto", q) in ("sdpa", "packed")    # fp32: auto avoids flash
-    with pytest.raises(ValueError, match="must define flash_attn_varlen_func"):
+    with pytest.raises(ValueError, match="must define flash_attn_varlen_func.*or varlen_attn"):
         with flash.substitute(object()):
             pass
 

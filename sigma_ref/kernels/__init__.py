@@ -36,7 +36,7 @@ from ..masks import layout as parse_layout
 from . import flash, flex
 from .layout import GroupLayout, Segments
 from .packed import causal_attention, packed_attention
-from .reference import decode_attention, math_attention, sdpa_attention
+from .reference import dense_decode_attention, math_attention, sdpa_attention
 
 BACKENDS = ("auto", "math", "sdpa", "packed", "flex", "flash")
 
@@ -138,6 +138,18 @@ def sigma_attention(q, k, v, modality_ids, num_intra_heads: int, *, backend: str
     (q_i, q_g), (k_i, k_g), (v_i, v_g) = q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1)
     outs = [grouped(q_i, k_i, v_i, layout).transpose(1, 2), causal(q_g, k_g, v_g, layout).transpose(1, 2)]
     return torch.cat(outs, dim=2).transpose(1, 2), None                # [B, H, S, d] (a view)
+
+
+def decode_attention(q, k, v, modality_ids: torch.Tensor, num_intra_heads: int, *, backend: str = "auto"):
+    """SIGMA attention of the last T positions (q [B, H, T, d]) over all S cached keys (k, v [B, H, S, d]),
+    for KV-cache decoding; modality_ids [B, S] covers all S positions. Returns [B, H, T, d].
+
+    Through flash when the backend resolves to it (CUDA, or a substitute), else one dense-mask SDPA call: T is
+    small when decoding, so the dense mask [B, H, T, S] is small too.
+    """
+    if resolve_backend(backend, q) == "flash":
+        return flash.flash_decode_attention(q, k, v, modality_ids, num_intra_heads)
+    return dense_decode_attention(q, k, v, modality_ids, num_intra_heads)
 
 
 def _check_qkv(q, k, v):

@@ -45,7 +45,7 @@ def sdpa_attention(q, k, v, layout: GroupLayout, grouped: bool, num_intra_heads:
     return layout.zero_padding(out)
 
 
-def decode_attention(q, k, v, modality_ids: torch.Tensor, num_intra_heads: int):
+def dense_decode_attention(q, k, v, modality_ids: torch.Tensor, num_intra_heads: int):
     """SIGMA attention of the last T positions (q: [B, H, T, d]) over all S keys (k, v: [B, H, S, d]).
 
     modality_ids: [B, S] for all S positions. Dense-mask SDPA: T is small when decoding.

@@ -1,0 +1,302 @@
+"""Does SIGMA stop the dilution? The seed's central claim, tested the way it was made, with SIGMA's ablations.
+
+    python -m sigma_ref dilution --seeds 3 --out results/dilution              # 3 attentions x 2 mixes x seeds
+    python -m sigma_ref dilution --seeds 3 --ablations --out results/dilution  # adds SIGMA's ablation grid
+
+THE CLAIM. Many image tokens dilute the text's attention, so even a blank image can hurt a text task; SIGMA's
+intra heads keep text-to-text attention pure, and its gates can close the cross-modal stream when it is not
+needed. THE TEST. The text-only "expand" task with 0 .. 8k blank or noise image tokens inserted. Two training
+mixes, so the test can tell dilution from a model meeting something it never saw:
+    text only           (the control) text-only samples never carry image tokens: any inserted token is out of
+                        distribution, and the probe measures a breakdown as much as dilution;
+    irrelevant images   text-only samples carry 0..k blank or noise image tokens at random places in the
+                        attribute list: images that say nothing are in distribution up to k, and 2k..8k test
+                        how far the learned indifference reaches.
+Every model is the `cpu` preset's recipe (only the mix changes), trained to its stopping rule.
+
+THE MECHANISM, per layer and head: the attention mass that text queries put on the irrelevant image keys, and
+the gates on text tokens in expand samples without and with images and in describe samples, over training.
+
+Each run is written to OUT/<mix>/<variant>_seed<k>/ (checkpoint and metrics) and reused when present, so an
+interrupted experiment continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from tqdm.auto import tqdm
+
+from . import data as D
+from . import probes, viz
+from .evaluate import evaluate
+from .experiments import ATTENTION_KINDS, default_workers
+from .masks import IMAGE, TEXT
+from .runtime import TRAINING_THREADS, machine_description, torch_threads, write_atomic
+from .train import Trainer, get_preset
+
+MAX_TRAIN_IMAGES = 16
+MIXES = {"text only": 0, "irrelevant images": MAX_TRAIN_IMAGES}
+KINDS = ("blank", "noise")
+TEXT_ONLY_SAMPLES = 150          # scenes of the text_only split per (count, kind)
+
+# SIGMA's parts as switches (ModelConfig fields), each trained under the irrelevant-images mix. H=4, L=2.
+ABLATIONS = {
+    "sigma": {},
+    "1 intra head": {"num_intra_heads": 1},
+    "3 intra heads": {"num_intra_heads": 3},
+    "0 intra heads": {"num_intra_heads": 0},
+    "intra heads in the first layer only": {"num_intra_heads": (2, 0)},
+    "gates off": {"use_gates": False},
+    "stream bias off": {"use_stream_bias": False},
+    "bias init 0": {"bias_init": ((0.0, 0.0), (0.0, 0.0))},
+}
+
+
+def inserted_counts(k: int = MAX_TRAIN_IMAGES) -> tuple[int, ...]:
+    """0, k/2, k, 2k, 4k, 8k: inside what training showed, and far beyond it."""
+    return (0, k // 2, k, 2 * k, 4 * k, 8 * k)
+
+
+def _slug(text: str) -> str:
+    return text.replace(" ", "_")
+
+
+def expand_batch(inserted: int, kind: str = "blank", size: int = 48, at: int | None = None) -> dict:
+    """Validation-style expand samples (text_only split) with `inserted` image tokens, for the probes."""
+    generator = torch.Generator().manual_seed(0)
+    return D.collate([D.encode(s, inserted, kind, generator, at) for s in D.load_split("text_only")[:size]])
+
+
+@torch.no_grad()
+def irrelevant_image_mass(model, batch: dict) -> list[list[float]]:
+    """[L][H]: mean attention mass that text queries after the inserted images put on image keys."""
+    model.eval()
+    with probes.math_backend(model):
+        details = model(batch, return_details=True).details
+    real = probes.real_tokens(batch)
+    image = (batch["modality"] == IMAGE) & real
+    queries = (batch["modality"] == TEXT) & real & (image.long().cumsum(1) > 0)
+    return [[float((d.attn_probs[:, h] * image[:, None, :]).sum(-1)[queries].mean()) for h in range(d.attn_probs.shape[1])]
+            for d in details]
+
+
+def gate_profile(model) -> dict:
+    """Mean gate on TEXT tokens per layer and stream: expand without images, expand with k, describe."""
+    batches = {"expand": expand_batch(0), "expand + images": expand_batch(MAX_TRAIN_IMAGES),
+               "describe": probes.probe_batch()}
+    return {name: [{stream: v.get("text") for stream, v in layer.items()} for layer in probes.gate_means(model, batch)]
+            for name, batch in batches.items()}
+
+
+def _job(job: dict) -> dict:
+    """Train one model (or reuse it) and measure it; runs in a worker process."""
+    with torch_threads(TRAINING_THREADS):
+        return _train_and_measure(**job)
+
+
+def _train_and_measure(attention: str, variant: str, overrides: dict, seed: int, train_mix: str, out_dir: str,
+                       counts: tuple, preset: str = "cpu", text_only_samples: int = TEXT_ONLY_SAMPLES) -> dict:
+    config = replace(get_preset(preset), max_irrelevant_images=MIXES[train_mix])
+    path = Path(out_dir) / _slug(train_mix) / f"{_slug(variant)}_seed{seed}"
+    wanted = {"config": asdict(config), "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
+              "attention": attention, "counts": list(counts), "text_only_samples": text_only_samples}
+    try:
+        saved = json.loads((path / "metrics.json").read_text())
+        if {k: saved.get(k) for k in wanted} == json.loads(json.dumps(wanted)):
+            return saved
+    except (OSError, json.JSONDecodeError):
+        pass
+    trainer = Trainer(attention, config, seed, path, device="cpu", model_overrides=overrides)
+    if trainer.checkpoint_path.exists():
+        try:
+            trainer.load(trainer.checkpoint_path)
+        except ValueError:                                        # another recipe: start afresh
+            trainer = Trainer(attention, config, seed, path, device="cpu", model_overrides=overrides)
+    trainer.run(progress=False)
+    model = trainer.model.eval()
+    text_only = D.load_split("text_only")[:text_only_samples]
+    measured = {kind: {str(n): evaluate(model, text_only, n, kind) for n in counts} for kind in KINDS}
+    metrics = {**wanted, "variant": variant, "seed": seed, "train_mix": train_mix,
+               "max_train_images": MIXES[train_mix], "steps": trainer.step, "train_seconds": trainer.train_seconds,
+               "target_reached": trainer.target_reached,
+               "caption_exact_match": evaluate(model, D.load_split("test")[:300])["exact_match"],
+               "accuracy": {kind: {n: r["exact_match"] for n, r in rows.items()} for kind, rows in measured.items()},
+               "loss": {kind: {n: r["loss"] for n, r in rows.items()} for kind, rows in measured.items()},
+               "image_mass": irrelevant_image_mass(model, expand_batch(MAX_TRAIN_IMAGES)),
+               "streams": [probes.head_streams(model, layer) for layer in range(len(model.blocks))],
+               "gates": gate_profile(model) if attention != "standard" else None,
+               "gate_history": trainer.gate_history}
+    write_atomic(path / "metrics.json", json.dumps(metrics, indent=1))
+    return metrics
+
+
+def run_jobs(jobs: list[dict], workers: int | None = None, progress: bool = True) -> list[dict]:
+    workers = workers or default_workers(len(jobs))
+    if workers == 1:
+        return [_job(job) for job in tqdm(jobs, desc="dilution", disable=not progress)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(tqdm(pool.map(_job, jobs), total=len(jobs), desc=f"dilution, {workers} at a time",
+                         disable=not progress))
+
+
+def records(metrics: list[dict]) -> list[dict]:
+    """One record per (model, inserted kind), as results.json holds them: accuracy and loss by count."""
+    out = []
+    for m in metrics:
+        for kind in m["accuracy"]:
+            out.append({"attention": m["attention"], "variant": m["variant"], "seed": m["seed"],
+                        "train_mix": m["train_mix"], "max_train_images": m["max_train_images"], "kind": kind,
+                        "accuracy": m["accuracy"][kind], "loss": m["loss"][kind],
+                        "caption_exact_match": m["caption_exact_match"], "train_seconds": m["train_seconds"],
+                        "steps": m["steps"]})
+    return out
+
+
+def paired_permutation_p(differences: list[float]) -> float:
+    """Exact two-sided p of a paired sign-flip test: the share of the 2^n sign flips whose mean difference is at
+    least as far from 0 as the observed one. With n seeds the smallest possible p is 2 / 2^n (0.25 for 3)."""
+    observed = abs(statistics.fmean(differences))
+    flips = list(itertools.product((1, -1), repeat=len(differences)))
+    extreme = sum(abs(statistics.fmean(s * d for s, d in zip(signs, differences))) >= observed - 1e-12 for signs in flips)
+    return extreme / len(flips)
+
+
+def _fmt(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+
+def _by(metrics: list[dict], **where) -> list[dict]:
+    return sorted((m for m in metrics if all(m[k] == v for k, v in where.items())), key=lambda m: m["seed"])
+
+
+def main_table(metrics: list[dict], counts) -> str:
+    """Per mix and attention: caption EM, then text-only accuracy at each count (blank / noise), mean ± std."""
+    shown = [counts[0], counts[2], counts[4], counts[5]]
+    header = "| trained on | attention | caption EM | " + " | ".join(f"{kind} {n}" for kind in KINDS for n in shown) + " |"
+    lines = [header, "|---" * (3 + len(KINDS) * len(shown)) + "|"]
+    for mix in MIXES:
+        for attention in ATTENTION_KINDS:
+            runs = _by(metrics, train_mix=mix, variant=attention)
+            if runs:
+                cells = [_fmt([r["caption_exact_match"] for r in runs])]
+                cells += [_fmt([r["accuracy"][kind][str(n)] for r in runs]) for kind in KINDS for n in shown]
+                lines.append(f"| {mix} | {attention} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(metrics: list[dict], counts) -> str:
+    """SIGMA minus each baseline, seed by seed (same seed, same data): mean difference, wins, sign-flip p."""
+    lines = ["| trained on | inserted | SIGMA minus | mean difference | SIGMA higher on | p (paired sign-flip) |",
+             "|---|---|---|---|---|---|"]
+    for mix in MIXES:
+        for kind in KINDS:
+            for n in (counts[2], counts[4]):
+                for baseline in ("standard", "gated"):
+                    sigma, other = _by(metrics, train_mix=mix, variant="sigma"), _by(metrics, train_mix=mix, variant=baseline)
+                    pairs = [(s["accuracy"][kind][str(n)], o["accuracy"][kind][str(n)])
+                             for s, o in zip(sigma, other) if s["seed"] == o["seed"]]
+                    if pairs:
+                        diff = [a - b for a, b in pairs]
+                        lines.append(f"| {mix} | {n} {kind} | {baseline} | {statistics.fmean(diff):+.3f} | "
+                                     f"{sum(d > 0 for d in diff)}/{len(diff)} seeds | {paired_permutation_p(diff):.2f} |")
+    return "\n".join(lines)
+
+
+def ablation_table(metrics: list[dict], counts) -> str:
+    lines = ["| SIGMA variant (trained with irrelevant images) | caption EM | " +
+             " | ".join(f"{kind} {n}" for kind in KINDS for n in (counts[2], counts[4], counts[5])) + " |",
+             "|---" * (2 + 3 * len(KINDS)) + "|"]
+    for variant in ABLATIONS:
+        runs = _by(metrics, train_mix="irrelevant images", variant=variant)
+        if runs:
+            cells = [_fmt([r["caption_exact_match"] for r in runs])]
+            cells += [_fmt([r["accuracy"][kind][str(n)] for r in runs]) for kind in KINDS for n in (counts[2], counts[4], counts[5])]
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def mechanism_table(metrics: list[dict]) -> str:
+    """Per mix and model: text queries' mass on the 16 irrelevant image keys (global heads, per layer) and
+    the global gate on text tokens: expand without images, with 16, describe (per layer, mean over seeds)."""
+    lines = ["| trained on | attention | mass on irrelevant images (global heads), per layer | global gate on text: "
+             "expand | expand + 16 images | describe |", "|---|---|---|---|---|---|"]
+    for mix in MIXES:
+        for attention in ATTENTION_KINDS:
+            runs = _by(metrics, train_mix=mix, variant=attention)
+            if not runs:
+                continue
+            layers = len(runs[0]["image_mass"])
+            mass = [statistics.fmean(statistics.fmean(m for m, s in zip(r["image_mass"][layer], r["streams"][layer])
+                                                      if s == "global") for r in runs) for layer in range(layers)]
+            gates = []
+            for probe in ("expand", "expand + images", "describe"):
+                if runs[0]["gates"] is None:
+                    gates.append("-")
+                    continue
+                per_layer = [statistics.fmean(r["gates"][probe][layer]["global"] for r in runs) for layer in range(layers)]
+                gates.append(" / ".join(f"{g:.2f}" for g in per_layer))
+            lines.append(f"| {mix} | {attention} | {' / '.join(f'{m:.2f}' for m in mass)} | " + " | ".join(gates) + " |")
+    return "\n".join(lines)
+
+
+def figures(metrics: list[dict], counts) -> dict:
+    """{file name: Figure} of a dilution run (viz draws; this picks the data)."""
+    curves = {(mix, kind): {a: [[r["accuracy"][kind][str(n)] for n in counts] for r in _by(metrics, train_mix=mix, variant=a)]
+                            for a in ATTENTION_KINDS if _by(metrics, train_mix=mix, variant=a)}
+              for mix in MIXES for kind in KINDS}
+    out = {"dilution_curves.png": viz.dilution_curves_figure(curves, counts, MAX_TRAIN_IMAGES)}
+    histories = {a: [r["gate_history"] for r in _by(metrics, train_mix="irrelevant images", variant=a)]
+                 for a in ("gated", "sigma")}
+    if all(histories.values()):
+        out["text_gates.png"] = viz.text_gates_figure(histories, "Global gate on text tokens during training "
+                                                                  "(irrelevant-images mix, mean over layers and seeds)")
+    variants = {v: _by(metrics, train_mix="irrelevant images", variant=v) for v in ABLATIONS}
+    if sum(bool(runs) for runs in variants.values()) > 1:
+        out["ablations.png"] = viz.ablation_figure(
+            {v: [r["accuracy"]["noise"][str(counts[4])] for r in runs] for v, runs in variants.items() if runs},
+            f"text-only exact match with {counts[4]} noise image tokens",
+            f"SIGMA's parts, trained with 0..{MAX_TRAIN_IMAGES} irrelevant image tokens")
+    return out
+
+
+def run_dilution(seeds: int = 3, out_dir: str | Path = "results/dilution", ablations: bool = False,
+                 workers: int | None = None, progress: bool = True, preset: str = "cpu",
+                 text_only_samples: int = TEXT_ONLY_SAMPLES) -> list[dict]:
+    """Train (or reuse) every model of the experiment; write results.json, results.md and the figures."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
+    out_dir, counts = Path(out_dir), inserted_counts()
+    common = {"out_dir": str(out_dir), "counts": counts, "preset": preset, "text_only_samples": text_only_samples}
+    jobs = [{"attention": a, "variant": a, "overrides": {}, "seed": s, "train_mix": mix, **common}
+            for s in range(seeds) for mix in MIXES for a in ATTENTION_KINDS]
+    if ablations:
+        jobs += [{"attention": "sigma", "variant": v, "overrides": o, "seed": s, "train_mix": "irrelevant images", **common}
+                 for s in range(seeds) for v, o in ABLATIONS.items() if v != "sigma"]
+    metrics = run_jobs(jobs, workers, progress)
+    report = (f"Dilution experiment: `{preset}` preset, seeds 0-{seeds - 1}, text-only split ({text_only_samples} scenes "
+              f"per cell); machine: {machine_description()}\n\n## Accuracy (mean ± std over seeds)\n\n"
+              f"{main_table(metrics, counts)}\n\n## SIGMA against the baselines, seed by seed\n\n"
+              f"{paired_table(metrics, counts)}\n\n## Mechanism\n\n{mechanism_table(metrics)}\n")
+    if ablations:
+        report += f"\n## SIGMA's parts\n\n{ablation_table(metrics, counts)}\n"
+    write_atomic(out_dir / "results.md", report)
+    write_atomic(out_dir / "results.json", json.dumps(
+        {"machine": machine_description(), "seeds": list(range(seeds)), "counts": list(counts),
+         "max_train_images": MAX_TRAIN_IMAGES, "runs": records(metrics),
+         "models": [{k: m[k] for k in ("attention", "variant", "seed", "train_mix", "overrides", "image_mass",
+                                       "streams", "gates", "gate_history", "caption_exact_match", "train_seconds")}
+                    for m in metrics]}, indent=1))
+    for name, fig in figures(metrics, counts).items():
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+    print(report)
+    return metrics

@@ -1,0 +1,78 @@
+"""The dilution experiment's pieces: the training mix, inserted positions, the paired test, and one tiny run."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from sigma_ref import data as D
+from sigma_ref import dilution
+from sigma_ref import train as T
+from sigma_ref.masks import IMAGE
+
+TINY = T.TrainConfig(hidden_size=32, num_layers=2, num_heads=4, steps=6, batch_size=8, warmup_steps=2,
+                     eval_every=3, eval_samples=8, checkpoint_every=3)
+
+
+def test_the_default_mix_is_the_old_stream_and_the_new_mix_puts_irrelevant_images_only_in_text_only_samples():
+    old, default = D.DataStream(16, 3), D.DataStream(16, 3, max_irrelevant_images=0)
+    for _ in range(3):
+        a, b = old.next(), default.next()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    mixed = D.DataStream(64, 3, text_only_fraction=1.0, max_irrelevant_images=8)
+    batch = mixed.next()
+    counts = (batch["modality"] == IMAGE).sum(1)
+    assert counts.max() <= 8 and len(set(counts.tolist())) > 3             # 0..8, varied
+    first_image = [row.tolist().index(IMAGE) for row in batch["modality"] if IMAGE in row.tolist()]
+    assert len(set(first_image)) > 2                                        # at varied places in the list
+    noisy = batch["patches"][batch["modality"] == IMAGE]
+    assert (noisy.abs().sum(-1) == 0).any() and (noisy.abs().sum(-1) > 0).any()   # blank and noise
+    describe = D.DataStream(8, 3, text_only_fraction=0.0, max_irrelevant_images=8).next()
+    assert ((describe["modality"] == IMAGE).sum(1) == D.NUM_PATCHES).all()        # images only where they belong
+
+
+def test_inserted_tokens_go_where_asked_and_text_positions_do_not_move():
+    scene = D.load_split("text_only")[0]
+    plain, moved = D.encode(scene), D.encode(scene, 3, "blank", None, inserted_at=1)
+    assert [D.VOCAB[t] for t in moved.tokens[:5]] == ["expand", D.terse_words(scene)[0], "<image>", "<image>", "<image>"]
+    assert [t for t, m in zip(moved.tokens, moved.modality) if m != IMAGE] == plain.tokens
+    with pytest.raises(ValueError, match="inserted_at must be an int in 0"):
+        D.encode(scene, 2, "blank", None, inserted_at=99)
+
+
+def test_counts_reach_eight_times_what_training_showed():
+    assert dilution.inserted_counts(16) == (0, 8, 16, 32, 64, 128)
+
+
+@pytest.mark.parametrize("differences, p", [([0.2, 0.1, 0.3], 0.25), ([0.1, -0.1, 0.0], 1.0),
+                                            ([0.1, 0.1, 0.1, 0.1], 0.125), ([0.5, -0.1, 0.2], 0.5)])
+def test_paired_sign_flip_p_values(differences, p):
+    assert dilution.paired_permutation_p(differences) == pytest.approx(p)
+
+
+def test_a_tiny_dilution_run_writes_every_record_and_reuses_its_models(tmp_path, monkeypatch):
+    monkeypatch.setitem(T.PRESETS, "tiny", TINY)
+    dilution.run_dilution(1, tmp_path, workers=1, progress=False, preset="tiny", text_only_samples=6)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["runs"]) == 3 * 2 * 2                              # attentions x mixes x kinds
+    for record in results["runs"]:
+        assert set(record["accuracy"]) == {str(n) for n in dilution.inserted_counts()} == set(record["loss"])
+        assert record["max_train_images"] == dilution.MIXES[record["train_mix"]]
+    assert {r["train_mix"] for r in results["runs"]} == set(dilution.MIXES)
+    sigma = next(m for m in results["models"] if m["variant"] == "sigma")
+    assert sigma["streams"][0] == ["intra", "intra", "global", "global"]
+    assert all(mass == 0 for layer, streams in zip(sigma["image_mass"], sigma["streams"])
+               for mass, s in zip(layer, streams) if s == "intra")          # intra heads never see the images
+    assert (tmp_path / "dilution_curves.png").exists() and "SIGMA minus" in (tmp_path / "results.md").read_text()
+    monkeypatch.setattr(T.Trainer, "run", lambda *a, **k: pytest.fail("retrained a finished model"))
+    dilution.run_dilution(1, tmp_path, workers=1, progress=False, preset="tiny", text_only_samples=6)
+
+
+def test_per_layer_split_builds_each_layer_with_its_own_heads():
+    from sigma_ref.model import ModelConfig, TinyMLLM
+    model = TinyMLLM(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_intra_heads=(4, 0), **D.model_fields()))
+    assert [block.attn.num_intra_heads for block in model.blocks] == [4, 0]
+    with pytest.raises(ValueError, match="one value per layer"):
+        ModelConfig(num_layers=3, num_intra_heads=(1, 2), **D.model_fields())
+    assert dataclasses.replace(ModelConfig(**D.model_fields()), num_intra_heads=[1, 2, 3, 4]).num_intra_heads == (1, 2, 3, 4)

@@ -248,23 +248,35 @@ def mechanism_table(metrics: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def accuracy_curves(metrics: list[dict], counts) -> dict:
+    """{(mix, kind): {attention: per-seed lists of accuracy over counts}}, what dilution_curves_figure draws."""
+    return {(mix, kind): {a: [[r["accuracy"][kind][str(n)] for n in counts] for r in _by(metrics, train_mix=mix, variant=a)]
+                          for a in ATTENTION_KINDS if _by(metrics, train_mix=mix, variant=a)}
+            for mix in MIXES for kind in KINDS}
+
+
+def gate_histories(metrics: list[dict]) -> dict:
+    """{attention: per-seed gate histories} of the gated models trained with irrelevant images."""
+    return {a: [r["gate_history"] for r in _by(metrics, train_mix="irrelevant images", variant=a)] for a in ("gated", "sigma")}
+
+
+def ablation_values(metrics: list[dict], count: int, kind: str = "noise") -> dict:
+    """{variant: per-seed text-only accuracy with `count` inserted tokens} for every variant that was trained."""
+    variants = {v: _by(metrics, train_mix="irrelevant images", variant=v) for v in ABLATIONS}
+    return {v: [r["accuracy"][kind][str(count)] for r in runs] for v, runs in variants.items() if runs}
+
+
 def figures(metrics: list[dict], counts) -> dict:
     """{file name: Figure} of a dilution run (viz draws; this picks the data)."""
-    curves = {(mix, kind): {a: [[r["accuracy"][kind][str(n)] for n in counts] for r in _by(metrics, train_mix=mix, variant=a)]
-                            for a in ATTENTION_KINDS if _by(metrics, train_mix=mix, variant=a)}
-              for mix in MIXES for kind in KINDS}
-    out = {"dilution_curves.png": viz.dilution_curves_figure(curves, counts, MAX_TRAIN_IMAGES)}
-    histories = {a: [r["gate_history"] for r in _by(metrics, train_mix="irrelevant images", variant=a)]
-                 for a in ("gated", "sigma")}
+    out = {"dilution_curves.png": viz.dilution_curves_figure(accuracy_curves(metrics, counts), counts, MAX_TRAIN_IMAGES)}
+    histories = gate_histories(metrics)
     if all(histories.values()):
         out["text_gates.png"] = viz.text_gates_figure(histories, "Global gate on text tokens during training "
                                                                   "(irrelevant-images mix, mean over layers and seeds)")
-    variants = {v: _by(metrics, train_mix="irrelevant images", variant=v) for v in ABLATIONS}
-    if sum(bool(runs) for runs in variants.values()) > 1:
-        out["ablations.png"] = viz.ablation_figure(
-            {v: [r["accuracy"]["noise"][str(counts[4])] for r in runs] for v, runs in variants.items() if runs},
-            f"text-only exact match with {counts[4]} noise image tokens",
-            f"SIGMA's parts, trained with 0..{MAX_TRAIN_IMAGES} irrelevant image tokens")
+    values = ablation_values(metrics, counts[4])
+    if len(values) > 1:
+        out["ablations.png"] = viz.ablation_figure(values, f"text-only exact match with {counts[4]} noise image tokens",
+                                                   f"SIGMA's parts, trained with 0..{MAX_TRAIN_IMAGES} irrelevant image tokens")
     return out
 
 
@@ -300,3 +312,15 @@ def run_dilution(seeds: int = 3, out_dir: str | Path = "results/dilution", ablat
         plt.close(fig)
     print(report)
     return metrics
+
+
+def load_metrics(out_dir: str | Path = "results/dilution") -> tuple[list[dict], tuple]:
+    """A finished run's models, rebuilt from results.json (records joined per model), and its counts."""
+    results = json.loads((Path(out_dir) / "results.json").read_text())
+    models = {(m["variant"], m["seed"], m["train_mix"]): dict(m, accuracy={}, loss={}) for m in results["models"]}
+    for record in results["runs"]:
+        model = models[record["variant"], record["seed"], record["train_mix"]]
+        model["accuracy"][record["kind"]] = record["accuracy"]
+        model["loss"][record["kind"]] = record["loss"]
+        model["max_train_images"] = record["max_train_images"]
+    return list(models.values()), tuple(results["counts"])

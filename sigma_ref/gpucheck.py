@@ -4,7 +4,7 @@
 
 On a CUDA machine it writes results/gpu/gpu_check.json and gpu_check.md (the device named in both):
     1. equivalence: every backend against `math`, bf16, on random layouts that differ per row (padding
-       included), forward values and input gradients;
+       included), forward values and input gradients; and cached decoding through flash against dense decoding;
     2. the benchmark: bf16 attention time up to N=16384, with the flash rows (flash-attn if installed, else
        torch's varlen kernel), and peak memory from torch.cuda.max_memory_allocated;
     3. the `gpu` preset trained for standard, Gated and SIGMA, one seed: caption exact match and time.
@@ -69,6 +69,12 @@ def equivalence_table(device: torch.device, trials: int = 10, progress: bool = T
             out, grads = run(backend, torch.bfloat16)
             worst[backend][0] = max(worst[backend][0], float((out - reference).abs().max()))
             worst[backend][1] = max(worst[backend][1], max(float((g - r).abs().max()) for g, r in zip(grads, reference_grads)))
+        if "flash" in backends:        # cached decoding: the last 3 positions over the whole row, against dense
+            decoded = kernels.decode_attention(q[..., -3:, :], k, v, ids, 4, backend="flash").float()
+            dense = kernels.reference.dense_decode_attention(q[..., -3:, :].float(), k.float(), v.float(), ids, 4)
+            error = float((decoded - dense).abs().max())
+            worst.setdefault("flash (cached decoding)", [0.0, 0.0])
+            worst["flash (cached decoding)"][0] = max(worst["flash (cached decoding)"][0], error)
     table = Table(f"Every backend against math (fp32 on the same bf16 inputs), SIGMA H=8 (4 intra), d=64, {trials} "
                   f"random per-row layouts with padding, {device.type}", ["backend", "max |out - math|",
                                                                            "max |grad - math|", "within bf16 tolerance"])

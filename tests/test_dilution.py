@@ -76,3 +76,12 @@ def test_per_layer_split_builds_each_layer_with_its_own_heads():
     with pytest.raises(ValueError, match="one value per layer"):
         ModelConfig(num_layers=3, num_intra_heads=(1, 2), **D.model_fields())
     assert dataclasses.replace(ModelConfig(**D.model_fields()), num_intra_heads=[1, 2, 3, 4]).num_intra_heads == (1, 2, 3, 4)
+
+
+def test_load_metrics_rebuilds_the_tables_of_a_finished_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(T.PRESETS, "tiny", TINY)
+    written = dilution.run_dilution(1, tmp_path, workers=1, progress=False, preset="tiny", text_only_samples=4)
+    loaded, counts = dilution.load_metrics(tmp_path)
+    assert counts == dilution.inserted_counts()
+    assert dilution.main_table(loaded, counts) == dilution.main_table(written, counts)
+    assert dilution.mechanism_table(loaded) == dilution.mechanism_table(written)

@@ -163,7 +163,7 @@ def test_gpu_checks_equivalence_table_passes_through_the_double_and_would_catch_
     from sigma_ref import gpucheck
     with flash.substitute(flash_double):
         table = gpucheck.equivalence_table(torch.device("cpu"), trials=3, progress=False)
-    assert [row[0] for row in table.rows] == ["sdpa", "packed", "flash"]
+    assert [row[0] for row in table.rows] == ["sdpa", "packed", "flash", "flash (cached decoding)"]
     assert all(row[3] == "yes" for row in table.rows)
     # a kernel that ignores the modality groups (plain causal everywhere) must be flagged
     monkeypatch.setattr(kernels.packed, "packed_attention", kernels.packed.causal_attention)

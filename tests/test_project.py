@@ -88,6 +88,28 @@ def test_readme_speedrun_tables_are_the_committed_runs(block, path):
     assert readme_block(block) == rendered
 
 
+def test_readme_dilution_tables_are_the_committed_run():
+    committed = [line for line in (ROOT / "results" / "dilution" / "results.md").read_text().splitlines() if line.startswith("|")]
+    assert [line for line in readme_block("dilution-tables").splitlines() if line.startswith("|")] == committed
+
+
+def test_readme_dilution_claims_match_the_committed_run():
+    from sigma_ref import dilution
+
+    metrics, counts = dilution.load_metrics(ROOT / "results" / "dilution")
+    assert counts == (0, 8, 16, 32, 64, 128) and {m["seed"] for m in metrics} == {0, 1, 2}
+    mean = lambda mix, variant, key: sum(key(m) for m in metrics if m["train_mix"] == mix and m["variant"] == variant) / 3
+    blank = lambda n: (lambda m: m["accuracy"]["blank"][str(n)])
+    assert [round(mean("irrelevant images", a, blank(64)), 2) for a in ("sigma", "standard", "gated")] == [0.78, 0.49, 0.37]
+    assert [round(mean("irrelevant images", v, blank(64)), 2) for v in ("0 intra heads", "1 intra head", "sigma", "3 intra heads")] \
+        == [0.56, 0.71, 0.78, 1.0]
+    assert round(mean("irrelevant images", "gates off", blank(64)), 3) == 0.964
+    caption = lambda m: m["caption_exact_match"]
+    assert [round(mean("irrelevant images", a, caption), 3) for a in ("sigma", "standard", "gated", "3 intra heads")] \
+        == [0.939, 0.961, 0.957, 0.893]
+    assert [round(mean("text only", a, blank(16)), 2) for a in ("standard", "gated", "sigma")] == [0.07, 0.16, 0.16]
+
+
 def test_readme_claims_match_the_committed_run():
     results = json.loads((ROOT / "results" / "cpu" / "results.json").read_text())
     runs = results["runs"]

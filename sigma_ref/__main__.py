@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
-from . import bench, data, dilution, experiments, gpucheck, kernels, masks, speedrun
+from . import bench, data, dilution, experiments, gpucheck, kernels, masks, speedrun, train
 from .runtime import machine_description
 
 
@@ -42,10 +43,31 @@ def _speedrun(args) -> None:
         print(f"wrote {args.out}")
 
 
+def _sigma_parts(args) -> dict:
+    """SIGMA's switches from the command line, as ModelConfig overrides (only those given)."""
+    overrides = {}
+    if args.intra_heads is not None:
+        values = [int(v) for v in args.intra_heads.split(",")]
+        overrides["num_intra_heads"] = values[0] if len(values) == 1 else tuple(values)
+    if args.bias_init is not None:
+        values = [float(v) for v in args.bias_init.split(",")]
+        if len(values) != 4:
+            raise SystemExit(f"--bias-init needs 4 numbers (intra text, intra image, global text, global image), "
+                             f"got {args.bias_init!r}")
+        overrides["bias_init"] = (tuple(values[:2]), tuple(values[2:]))
+    if args.no_gates:
+        overrides["use_gates"] = False
+    if args.no_stream_bias:
+        overrides["use_stream_bias"] = False
+    return overrides
+
+
 def _train(args) -> None:
-    metrics = experiments.train_and_evaluate(args.attention, args.preset, args.seed, args.out, backend=args.backend,
-                                       resume=args.resume)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "loss_curve"}, indent=2))
+    config = dataclasses.replace(train.get_preset(args.preset), backend=args.backend,
+                                 max_irrelevant_images=args.max_train_images)
+    metrics = experiments.train_and_evaluate(args.attention, args.preset, args.seed, args.out, resume=args.resume,
+                                             config=config, model_overrides=_sigma_parts(args))
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("loss_curve", "gate_history")}, indent=2))
 
 
 def _compare(args) -> None:
@@ -113,6 +135,13 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--backend", default="auto", help="attention kernel (default: auto)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt if present")
+    p.add_argument("--max-train-images", type=int, default=0,
+                   help="training mix: text-only samples carry 0..K irrelevant image tokens (default 0: none)")
+    parts = p.add_argument_group("SIGMA's parts (ablations)")
+    parts.add_argument("--intra-heads", help="intra heads of H: one number, or one per layer (e.g. 2,0)")
+    parts.add_argument("--bias-init", help="stream bias init: intra text, intra image, global text, global image")
+    parts.add_argument("--no-gates", action="store_true", help="no gates (the streams are simply added)")
+    parts.add_argument("--no-stream-bias", action="store_true", help="gates without the modality-specific bias")
     p.set_defaults(run=_train)
 
     p = commands.add_parser("compare", help="train standard, gated and SIGMA for several seeds; table and figures")

@@ -43,16 +43,17 @@ def run_dir(out_dir: str | Path, attention: str, seed: int) -> Path:
 
 def train_and_evaluate(attention: str, preset: str, seed: int, out_dir: str | Path, backend: str = "auto",
                        resume: bool = False, progress: bool = True, device=None,
-                       config: TrainConfig | None = None) -> dict:
+                       config: TrainConfig | None = None, model_overrides: dict | None = None) -> dict:
     """Train one model, evaluate it, write out_dir/metrics.json (and the checkpoint); return the metrics.
 
     The recipe is the preset's (with `backend`), or `config` when given (the preset is then only its name).
-    resume=True continues from out_dir/checkpoint.pt when there is one (same recipe, or ValueError).
+    `model_overrides` are ModelConfig fields (SIGMA's ablation switches: num_intra_heads, bias_init, use_gates,
+    use_stream_bias). resume=True continues from out_dir/checkpoint.pt when there is one (same recipe, or ValueError).
     """
     config = config or replace(get_preset(preset), backend=backend)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(attention, config, seed, out_dir, device=device)
+    trainer = Trainer(attention, config, seed, out_dir, device=device, model_overrides=model_overrides)
     if resume and trainer.checkpoint_path.exists():
         trainer.load(trainer.checkpoint_path)
     trainer.run(progress=progress)
@@ -60,7 +61,8 @@ def train_and_evaluate(attention: str, preset: str, seed: int, out_dir: str | Pa
                "parameters": trainer.model.num_parameters(), "train_seconds": trainer.train_seconds,
                "target_reached": trainer.target_reached, "threads": torch.get_num_threads(),
                "device": str(trainer.device) if trainer.device.type == "cpu" else torch.cuda.get_device_name(),
-               "config": asdict(config), **evaluate_all(trainer.model, config.eval_samples),
+               "config": asdict(config), "model_config": asdict(trainer.model.config),
+               **evaluate_all(trainer.model, config.eval_samples),
                "loss_curve": trainer.loss_curve, "validation_curve": trainer.validation_curve,
                "exact_match_curve": trainer.exact_match_curve, "gate_history": trainer.gate_history}
     text = json.dumps(metrics, indent=1)

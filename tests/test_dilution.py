@@ -85,3 +85,16 @@ def test_load_metrics_rebuilds_the_tables_of_a_finished_run(tmp_path, monkeypatc
     assert counts == dilution.inserted_counts()
     assert dilution.main_table(loaded, counts) == dilution.main_table(written, counts)
     assert dilution.mechanism_table(loaded) == dilution.mechanism_table(written)
+
+
+def test_sigma_parts_on_the_command_line(tmp_path, monkeypatch):
+    """`train` takes SIGMA's switches and the training mix; metrics.json records the model they built."""
+    from sigma_ref import __main__ as cli
+    monkeypatch.setitem(T.PRESETS, "cpu", TINY)
+    cli.main(["train", "--attention", "sigma", "--out", str(tmp_path), "--intra-heads", "3,0", "--bias-init",
+              "0,0,-2,0", "--no-stream-bias", "--max-train-images", "8"])
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["model_config"]["num_intra_heads"] == [3, 0] and written["model_config"]["use_stream_bias"] is False
+    assert written["model_config"]["bias_init"] == [[0.0, 0.0], [-2.0, 0.0]] and written["config"]["max_irrelevant_images"] == 8
+    with pytest.raises(SystemExit, match="--bias-init needs 4 numbers"):
+        cli.main(["train", "--attention", "sigma", "--out", str(tmp_path / "x"), "--bias-init", "1,2"])

@@ -282,7 +282,7 @@ class GatedAttention(_Attention):
 
 
 class SigmaAttention(_Attention):
-    """Split-Stream Intra-Global Gated Multimodal Attention (see SIGMA.md).
+    """Split-Stream Intra-Global Gated Multimodal Attention (docs/SIGMA.md states the idea).
 
     Parameters, named as in the seed:
         q_proj, k_proj, v_proj, o_proj      as in standard attention

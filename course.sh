@@ -33,7 +33,10 @@ case "${1:-}" in
     start)
         setup
         shift
-        exec "$PYTHON" -m jupyterlab --ip=127.0.0.1 notebooks/00_the_latte_problem.ipynb "$@"
+        # JupyterLab refuses to run as root (containers, cloud notebooks) unless told that it is meant.
+        root=()
+        if [ "$(id -u)" = 0 ]; then root=(--allow-root); fi
+        exec "$PYTHON" -m jupyterlab --ip=127.0.0.1 "${root[@]}" notebooks/00_the_latte_problem.ipynb "$@"
         ;;
     test)
         setup

@@ -5,12 +5,23 @@
 #   bash course.sh test     install (if needed) and run every test: unit, notebooks, browser
 #
 # Set-up installs into the Python that runs this script (activate a venv or the conda environment from
-# environment.yml first if you want it isolated). It keeps a torch that is already installed; otherwise it
+# environment.yml first if you want it isolated); an externally managed system Python gets its own .venv. It keeps a torch that is already installed; otherwise it
 # installs torch==2.13.0, which on the course's CPU machines is a local CPU wheel (an unpinned torch would
 # download several GB of CUDA packages).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
+
+# PEP 668: a stock Debian or Ubuntu python3 refuses `pip install` outside a virtual environment. Then, and only
+# when no virtual or conda environment is active, the course makes its own in .venv and reuses it next time.
+if [ -z "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] && "$PYTHON" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))' 2>/dev/null; then
+    if [ ! -x .venv/bin/python ]; then
+        echo "[course] $PYTHON is externally managed (PEP 668): making a virtual environment in .venv"
+        "$PYTHON" -m venv .venv
+    fi
+    PYTHON=.venv/bin/python
+fi
 
 setup() {
     if ! "$PYTHON" -c "import torch" 2>/dev/null; then
@@ -19,6 +30,10 @@ setup() {
     fi
     echo "[course] installing sigma_ref with its dev extra (keeps the installed torch)"
     "$PYTHON" -m pip install --quiet -e ".[dev]"
+    # The notebooks' kernel ("python3") is registered for THIS interpreter (an absolute path, in its own
+    # prefix), so JupyterLab runs them with the Python that has the course installed, not with whatever
+    # `python` comes first on PATH.
+    "$PYTHON" -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (SIGMA course)" >/dev/null
 }
 
 setup_browser() {

@@ -9,6 +9,8 @@ notebook tests look for.
 
 from __future__ import annotations
 
+import base64
+import io
 import traceback
 
 import matplotlib.pyplot as plt
@@ -119,20 +121,30 @@ def bias_view(intra_text: float, intra_image: float, global_text: float, global_
 # ---------------------------------------------------------------------------------------------------
 
 
-def _show(output, callback, *args, **kwargs):
-    """Run callback in `output`: its figure and numbers on success, the traceback as an error output if not."""
-    from IPython.display import display
+def figure_png(fig: plt.Figure) -> str:
+    """The figure as a base64 PNG, drawn by matplotlib itself: it does not depend on the backend (with
+    MPLBACKEND=Agg exported, as headless servers often do, `display(fig)` shows only "<Figure ...>")."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=fig.dpi, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
-    output.outputs = ()                                      # clear now (clear_output(wait=True) defers it)
+
+def _show(output, callback, *args, **kwargs):
+    """Run callback into `output`: its figure and numbers on success, the traceback as an error output if not.
+
+    The outputs are set directly (nbformat dicts) rather than printed inside `with output:`, so what the
+    learner sees is the same under any matplotlib backend, and tests can read it without a kernel.
+    """
     try:
         fig, numbers = callback(*args, **kwargs)
     except Exception as error:                               # shown to the learner, and found by the tests
         output.outputs = ({"output_type": "error", "ename": type(error).__name__, "evalue": str(error),
                            "traceback": traceback.format_exception(error)},)
         return None
-    with output:
-        display(fig)
-        print(", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in numbers.items()))
+    text = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in numbers.items())
+    output.outputs = ({"output_type": "display_data", "metadata": {},
+                       "data": {"image/png": figure_png(fig), "text/plain": f"<figure: {callback.__name__}>"}},
+                      {"output_type": "stream", "name": "stdout", "text": text + "\n"})
     plt.close(fig)
     return numbers
 

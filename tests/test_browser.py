@@ -92,7 +92,9 @@ def jupyterlab(tmp_path_factory):
     (settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings").write_text(
         json.dumps({"windowingMode": "none"}))
     token, port = secrets.token_hex(16), free_port()
-    env = dict(os.environ, SIGMA_FAST="1", JUPYTER_RUNTIME_DIR=str(root / "runtime"),
+    # MPLBACKEND=Agg, as headless servers and CI images often export it: the widget panels must still show
+    # their figures (they once showed only "<Figure ...>" under Agg).
+    env = dict(os.environ, SIGMA_FAST="1", MPLBACKEND="Agg", JUPYTER_RUNTIME_DIR=str(root / "runtime"),
                JUPYTER_CONFIG_DIR=str(root / "config"), JUPYTERLAB_SETTINGS_DIR=str(settings),
                JUPYTERLAB_WORKSPACES_DIR=str(root / "workspaces"))
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
@@ -155,8 +157,14 @@ def open_and_run_all(browser, jupyterlab, notebook: str):
     page.goto(f"{base}/lab/tree/{notebook}?reset&token={token}")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
     # "No Kernel" also reports idle: wait for the real kernel's name and no open dialog.
-    page.wait_for_function("() => [...document.querySelectorAll('.jp-Toolbar-kernelName')]"
-                           ".some(e => e.textContent.includes('Python 3'))", timeout=60_000)
+    try:
+        page.wait_for_function("() => [...document.querySelectorAll('.jp-Toolbar-kernelName')]"
+                               ".some(e => e.textContent.includes('Python 3'))", timeout=60_000)
+    except Exception:
+        names = page.eval_on_selector_all(".jp-Toolbar-kernelName", "els => els.map(e => e.textContent)")
+        log = (Path(jupyterlab[2]) / "server.log").read_text()[-2000:]
+        raise AssertionError(f"{notebook}: the notebook's Python 3 kernel did not start within 60 s (kernel shown: "
+                             f"{names}); the server's log ends with:\n{log}") from None
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
     assert page.locator(".jp-Dialog").count() == 0
     page.get_by_role("menuitem", name="Run", exact=True).click()

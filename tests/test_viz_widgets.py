@@ -108,3 +108,23 @@ def test_panels_show_errors_inside_their_output():
     slider, out = split_panel.children
     slider.value = 1
     assert not any(o.get("output_type") == "error" for o in out.outputs)
+
+
+@pytest.mark.parametrize("backend", ["Agg", "module://matplotlib_inline.backend_inline"])
+def test_panels_show_their_figure_as_png_whatever_the_backend(backend):
+    """With MPLBACKEND=Agg exported (headless servers, CI images), display(fig) showed only "<Figure ...>"."""
+    pytest.importorskip("ipywidgets")
+    import base64
+
+    import matplotlib
+    previous = matplotlib.get_backend()
+    matplotlib.use(backend)
+    try:
+        slider, output = widgets.head_split_panel(num_heads=4).children
+        slider.value = 3
+        figures = [o for o in output.outputs if o.get("output_type") == "display_data"]
+        assert len(figures) == 1
+        assert base64.b64decode(figures[0]["data"]["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+        assert any(o.get("output_type") == "stream" and "intra" in o["text"] for o in output.outputs)
+    finally:
+        matplotlib.use(previous)

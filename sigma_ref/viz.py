@@ -60,16 +60,16 @@ def head_masks_figure(modality_ids, num_heads: int, num_intra_heads: int) -> plt
     """One small mask per head for a given split: intra heads first, then global."""
     ids = torch.as_tensor(modality_ids)
     masks = M.sigma_mask(ids, num_heads, num_intra_heads)                       # [H, S, S]
-    fig, axes = plt.subplots(1, num_heads, figsize=(1.9 * num_heads, 2.3), constrained_layout=True)
+    fig, axes = plt.subplots(1, num_heads, figsize=(1.9 * num_heads, 2.7), constrained_layout=True)
     for h, ax in enumerate(np.atleast_1d(axes)):
         stream = "intra" if h < num_intra_heads else "global"
         plot_mask(masks[h], ids, ax, f"head {h}: {stream}")
         ax.title.set_color(STREAM_COLOURS[stream])
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel("")
-        ax.set_ylabel("")
-    fig.suptitle(f"{num_intra_heads} intra + {num_heads - num_intra_heads} global heads")
+        ax.tick_params(labelsize=5)
+        if h:                                   # one set of axis labels is enough for a row of small masks
+            ax.set_ylabel("")
+    fig.suptitle(f"{num_intra_heads} intra + {num_heads - num_intra_heads} global heads "
+                 f"(rows: queries, columns: keys; dark: may attend)")
     return fig
 
 
@@ -78,14 +78,23 @@ def stream_attention_figure(attn_probs, modality_ids, num_intra_heads: int, titl
     probs = torch.as_tensor(attn_probs).detach().float()
     streams = [("intra", probs[:num_intra_heads]), ("global", probs[num_intra_heads:])]
     streams = [(name, p) for name, p in streams if len(p)]
-    fig, axes = plt.subplots(1, len(streams), figsize=(4.2 * len(streams), 4), constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(streams), figsize=(4.8 * len(streams), 4), constrained_layout=True, squeeze=False)
+    allowed = {"intra": M.intra_mask(torch.as_tensor(modality_ids)).numpy(),
+               "global": M.causal_mask(len(modality_ids)).numpy()}
     for ax, (name, p) in zip(axes[0], streams):
-        ax.imshow(p.mean(0).numpy() ** 0.5, cmap="magma", interpolation="nearest")   # sqrt: small masses show
+        # Masked cells are drawn grey, apart from allowed cells that got (almost) no attention, which are dark.
+        # The colour scale is a square root (PowerNorm 0.5), so small masses stay visible; the bar shows values.
+        shown = np.ma.masked_where(~allowed[name], p.mean(0).numpy())
+        cmap = plt.get_cmap("magma").copy()
+        cmap.set_bad("0.85")
+        image = ax.imshow(shown, cmap=cmap, norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1),
+                          interpolation="nearest")
+        fig.colorbar(image, ax=ax, shrink=0.8, label="attention probability (grey: masked)")
         labels = _labels(modality_ids)
         step = max(1, len(labels) // 24)
         ax.set_xticks(range(0, len(labels), step), labels[::step], fontsize=6)
         ax.set_yticks(range(0, len(labels), step), labels[::step], fontsize=6)
-        ax.set_title(f"{name} stream (mean over {len(p)} heads, sqrt scale)")
+        ax.set_title(f"{name} stream (mean over {len(p)} heads)")
         ax.set_xlabel("key")
         ax.set_ylabel("query")
     fig.suptitle(title)
@@ -176,8 +185,10 @@ def latte_summary_figure(probes_by_model: dict[str, list[dict]]) -> plt.Figure:
     left.set_xticks(range(len(bars)), labels, fontsize=8)
     left.set_ylabel("text queries' attention on image keys")
     left.set_title("what mixes: cross-modal attention per stream")
-    for i, b in enumerate(bars):
-        left.annotate(f"{b:.2f}", (i, b), ha="center", va="bottom", fontsize=8)
+    for i, (b, e) in enumerate(zip(bars, errs)):                   # above the error bar, not on it
+        left.annotate(f"{b:.2f}", (i, b + e), xytext=(0, 3), textcoords="offset points", ha="center",
+                      va="bottom", fontsize=8)
+    left.set_ylim(0, max(b + e for b, e in zip(bars, errs)) * 1.2 + 0.02)
     styles = {"intra": ":", "global": "--", "residual": "-"}
     for model, entry in data.items():
         for kind, (mean, std) in entry["contamination"].items():
@@ -186,19 +197,27 @@ def latte_summary_figure(probes_by_model: dict[str, list[dict]]) -> plt.Figure:
                            color=MODEL_COLOURS.get(model, "k"), label=f"{model} {kind}")
     right.set_xlabel("layer")
     right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    right.set_ylabel("relative change of text tokens\nwhen the image changes")
+    right.set_ylabel("relative change of text tokens when the\nimage changes, |h' - h| / |h| (> 1: moved\nby more than its own length)")
     right.set_title("what stays pure: contamination of text tokens")
     right.legend(fontsize=7, ncol=2)
     fig.suptitle("The latte, measured (mean ± std over seeds)")
     return fig
 
 
-def seeds_errorbar_figure(values_by_model: dict[str, list], x, xlabel: str, ylabel: str, title: str) -> plt.Figure:
-    """Lines with error bars over seeds: values_by_model[model] is a list (seeds) of arrays over x."""
+def seeds_errorbar_figure(values_by_model: dict[str, list], x, xlabel: str, ylabel: str, title: str,
+                          dodge: float = 0.0) -> plt.Figure:
+    """Lines with error bars over seeds: values_by_model[model] is a list (seeds) of arrays over x.
+
+    dodge shifts each model's points sideways by that much (in x units), so lines that coincide (three models
+    all at 0.0) stay visible side by side; each model also gets its own marker.
+    """
     fig, ax = plt.subplots(figsize=(6, 3.8), constrained_layout=True)
-    for model, per_seed in values_by_model.items():
+    markers = "osD^v"
+    for i, (model, per_seed) in enumerate(values_by_model.items()):
         mean, std = _mean_std(per_seed)
-        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=MODEL_COLOURS.get(model, "k"), label=model)
+        shift = dodge * (i - (len(values_by_model) - 1) / 2)
+        ax.errorbar(np.asarray(x, dtype=float) + shift, mean, yerr=std, marker=markers[i % len(markers)], capsize=3,
+                    alpha=0.85, color=MODEL_COLOURS.get(model, "k"), label=model)
     ax.set_xlabel(xlabel)
     ax.set_xticks(list(x))
     ax.set_ylabel(ylabel)
@@ -220,7 +239,7 @@ def dilution_figure(runs: dict[str, list[dict]], kind: str = "blank") -> plt.Fig
     counts = sorted(int(n) for n in next(iter(runs.values()))[0]["dilution"][kind])
     values = {m: [[r["dilution"][kind][str(n)] for n in counts] for r in results] for m, results in runs.items()}
     return seeds_errorbar_figure(values, counts, f"{kind} image tokens inserted", "text-only exact match",
-                                 f"Dilution: text-only task with {kind} image tokens")
+                                 f"Dilution: text-only task with {kind} image tokens", dodge=0.02 * max(counts))
 
 
 def dilution_curves_figure(curves: dict, counts, max_train: int) -> plt.Figure:

@@ -25,20 +25,17 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing
 import statistics
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
-from tqdm.auto import tqdm
 
 from . import data as D
 from . import probes, viz
 from .evaluate import evaluate
-from .experiments import ATTENTION_KINDS, default_workers
+from .experiments import ATTENTION_KINDS, run_in_workers
 from .masks import IMAGE, TEXT
 from .runtime import TRAINING_THREADS, machine_description, torch_threads, write_atomic
 from .train import Trainer, get_preset
@@ -137,15 +134,6 @@ def _train_and_measure(attention: str, variant: str, overrides: dict, seed: int,
                "gate_history": trainer.gate_history}
     write_atomic(path / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
-
-
-def run_jobs(jobs: list[dict], workers: int | None = None, progress: bool = True) -> list[dict]:
-    workers = workers or default_workers(len(jobs))
-    if workers == 1:
-        return [_job(job) for job in tqdm(jobs, desc="dilution", disable=not progress)]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(tqdm(pool.map(_job, jobs), total=len(jobs), desc=f"dilution, {workers} at a time",
-                         disable=not progress))
 
 
 def records(metrics: list[dict]) -> list[dict]:
@@ -293,7 +281,7 @@ def run_dilution(seeds: int = 3, out_dir: str | Path = "results/dilution", ablat
     if ablations:
         jobs += [{"attention": "sigma", "variant": v, "overrides": o, "seed": s, "train_mix": "irrelevant images", **common}
                  for s in range(seeds) for v, o in ABLATIONS.items() if v != "sigma"]
-    metrics = run_jobs(jobs, workers, progress)
+    metrics = run_in_workers(_job, jobs, workers, "dilution", progress)
     report = (f"Dilution experiment: `{preset}` preset, seeds 0-{seeds - 1}, text-only split ({text_only_samples} scenes "
               f"per cell); machine: {machine_description()}\n\n## Accuracy (mean ± std over seeds)\n\n"
               f"{main_table(metrics, counts)}\n\n## SIGMA against the baselines, seed by seed\n\n"

@@ -91,6 +91,20 @@ def default_workers(jobs: int) -> int:
     return max(1, min(jobs, cpu_cores() // TRAINING_THREADS))
 
 
+def run_in_workers(function, jobs: list, workers: int | None = None, desc: str = "runs", progress: bool = True) -> list:
+    """[function(job) for job in jobs], `workers` processes at a time (default: one per core), results in job
+    order. Each worker is a fresh ("spawn") interpreter, safe under Jupyter and with torch's thread pools, so
+    `function` must be a module-level function. One worker (or one job) runs in this process instead."""
+    workers = default_workers(len(jobs)) if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if workers == 1 or len(jobs) <= 1:
+        return [function(job) for job in tqdm(jobs, desc=desc, disable=not progress or len(jobs) <= 1)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(tqdm(pool.map(function, jobs), total=len(jobs), desc=f"{desc}, {workers} at a time",
+                         disable=not progress))
+
+
 def ensure_trained(preset: str, seeds, out_dir: str | Path, attentions=ATTENTION_KINDS, backend: str = "auto",
                    progress: bool = True, workers: int | None = None) -> dict[str, list[dict]]:
     """Metrics of every (attention, seed) in out_dir, training only what is missing.
@@ -115,16 +129,10 @@ def ensure_trained(preset: str, seeds, out_dir: str | Path, attentions=ATTENTION
                 checkpoint.replace(path / "checkpoint.pt.stale")
             jobs.append({"attention": attention, "preset": preset, "seed": seed, "out_dir": path,
                          "config": config, "resume": resume})
-    workers = default_workers(len(jobs)) if workers is None else workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-    if workers == 1 or len(jobs) <= 1:
-        results = [_train_job({**job, "progress": progress}) for job in jobs]
-    else:
-        # "spawn": a fresh interpreter per worker, safe under Jupyter and with torch's thread pools.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(tqdm(pool.map(_train_job, [{**job, "progress": False} for job in jobs]), total=len(jobs),
-                                desc=f"training {len(jobs)} models, {workers} at a time", disable=not progress))
+    # One job in this process keeps its own progress bar (a notebook training one model shows its steps).
+    show_steps = len(jobs) == 1 or workers == 1
+    results = run_in_workers(_train_job, [{**job, "progress": progress and show_steps} for job in jobs], workers,
+                             f"training {len(jobs)} models", progress)
     finished.update({(job["attention"], job["seed"]): metrics for job, metrics in zip(jobs, results)})
     return {attention: [finished[attention, seed] for seed in seeds] for attention in attentions}
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .bench import Table, interleaved_medians
 from .data import DataStream
 from .evaluate import evaluate_all
-from .experiments import ATTENTION_KINDS, default_workers
+from .experiments import ATTENTION_KINDS, default_workers, run_in_workers
 from .runtime import TRAINING_THREADS, torch_threads
 from .train import TrainConfig, Trainer, get_preset
 
@@ -64,14 +64,9 @@ def _time_to_target(job: dict) -> dict:
 
 
 def run_to_target(jobs: list[dict], workers: int | None = None, progress: bool = True) -> list[dict]:
-    """Train every job ({"attention", "seed", "config"}) until its target, `workers` at a time."""
-    workers = workers or default_workers(len(jobs))
-    if workers == 1:
-        return [_time_to_target(job) for job in tqdm(jobs, desc="time to target", disable=not progress)]
-    # The job order interleaves what is compared, so slow and fast minutes of the machine land on all of them.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        return list(tqdm(pool.imap(_time_to_target, jobs), total=len(jobs), desc=f"time to target, {workers} at a time",
-                         disable=not progress))
+    """Train every job ({"attention", "seed", "config"}) until its target, `workers` at a time. The job order
+    interleaves what is compared, so slow and fast minutes of the machine land on all of them."""
+    return run_in_workers(_time_to_target, jobs, workers, "time to target", progress)
 
 
 def _summary(results: list[dict]) -> list:

@@ -35,7 +35,7 @@ import torch
 from . import data as D
 from . import probes, viz
 from .evaluate import evaluate
-from .experiments import ATTENTION_KINDS, run_in_workers
+from .experiments import ATTENTION_KINDS, mean_std_text, run_in_workers
 from .masks import IMAGE, TEXT
 from .runtime import TRAINING_THREADS, machine_description, torch_threads, write_atomic
 from .train import Trainer, get_preset
@@ -158,10 +158,6 @@ def paired_permutation_p(differences: list[float]) -> float:
     return extreme / len(flips)
 
 
-def _fmt(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
-
-
 def _by(metrics: list[dict], **where) -> list[dict]:
     return sorted((m for m in metrics if all(m[k] == v for k, v in where.items())), key=lambda m: m["seed"])
 
@@ -175,8 +171,8 @@ def main_table(metrics: list[dict], counts) -> str:
         for attention in ATTENTION_KINDS:
             runs = _by(metrics, train_mix=mix, variant=attention)
             if runs:
-                cells = [_fmt([r["caption_exact_match"] for r in runs])]
-                cells += [_fmt([r["accuracy"][kind][str(n)] for r in runs]) for kind in KINDS for n in shown]
+                cells = [mean_std_text([r["caption_exact_match"] for r in runs])]
+                cells += [mean_std_text([r["accuracy"][kind][str(n)] for r in runs]) for kind in KINDS for n in shown]
                 lines.append(f"| {mix} | {attention} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -206,8 +202,8 @@ def ablation_table(metrics: list[dict], counts) -> str:
     for variant in ABLATIONS:
         runs = _by(metrics, train_mix="irrelevant images", variant=variant)
         if runs:
-            cells = [_fmt([r["caption_exact_match"] for r in runs])]
-            cells += [_fmt([r["accuracy"][kind][str(n)] for r in runs]) for kind in KINDS for n in (counts[2], counts[4], counts[5])]
+            cells = [mean_std_text([r["caption_exact_match"] for r in runs])]
+            cells += [mean_std_text([r["accuracy"][kind][str(n)] for r in runs]) for kind in KINDS for n in (counts[2], counts[4], counts[5])]
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

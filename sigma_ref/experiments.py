@@ -143,6 +143,12 @@ def metric(metrics: dict, dotted: str):
     return metrics
 
 
+def mean_std_text(values: list[float]) -> str:
+    """"mean ± standard deviation" over seeds (± 0 for one seed), as every results table prints it."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+
+
 def summary_table(runs: dict[str, list[dict]]) -> str:
     """Markdown: one row per attention, mean ± standard deviation over seeds for each metric."""
     header = "| attention | " + " | ".join(label for _, label in TABLE_METRICS) + " |"
@@ -151,9 +157,7 @@ def summary_table(runs: dict[str, list[dict]]) -> str:
         cells = []
         for key, _ in TABLE_METRICS:
             values = [metric(r, key) for r in results]
-            mean = statistics.fmean(values)
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{mean:.0f}" if key == "parameters" else f"{mean:.3f} ± {std:.3f}")
+            cells.append(f"{statistics.fmean(values):.0f}" if key == "parameters" else mean_std_text(values))
         lines.append(f"| {attention} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -31,6 +31,7 @@ from .runtime import default_device, write_atomic
 
 
 OPTIMIZERS = ("adamw", "muon")
+GATE_PROBE_IMAGES = 16                 # blank image tokens in the text-only gate probe recorded during training
 
 
 @dataclass(frozen=True)
@@ -222,12 +223,12 @@ class Trainer:
         validation batch; every `checkpoint_every` steps: a checkpoint. Evaluation time is not training time."""
         stop_at = self.config.steps if stop_at is None else stop_at
         probe_batch = to_device(D.collate([D.encode(s) for s in D.load_split("validation")[:32]]), self.device)
-        # The gates are also followed on text-only samples, without and with 16 blank image tokens: does the
-        # global gate learn to close for text when the image says nothing? (The dilution experiment reads it.)
+        # The gates are also followed on text-only samples, without and with GATE_PROBE_IMAGES blank image tokens:
+        # does the global gate learn to close for text when the image says nothing? (dilution.py reads it.)
         text_only = D.load_split("text_only")[:32]
         gate_batches = {"gates": probe_batch,
                         "gates_expand": to_device(D.collate([D.encode(s) for s in text_only]), self.device),
-                        "gates_expand_images": to_device(D.collate([D.encode(s, 16) for s in text_only]), self.device)}
+                        "gates_expand_images": to_device(D.collate([D.encode(s, GATE_PROBE_IMAGES) for s in text_only]), self.device)}
         target_scenes = D.load_split("validation")[:self.config.target_samples]
         bar = tqdm(total=stop_at, initial=self.step, desc=f"{self.attention} seed {self.seed}", disable=not progress)
         while self.step < stop_at and self.target_reached is None:

@@ -3,6 +3,8 @@
 #
 #   bash course.sh start    install (if needed) and open the course in JupyterLab
 #   bash course.sh test     install (if needed) and run every test: unit, notebooks, browser
+#   bash course.sh book     install (if needed), execute the notebooks and build the course as a static site
+#                           in build/book/ (ignored by git); open build/book/_build/html/index.html
 #
 # Set-up installs into the Python that runs this script (activate a venv or the conda environment from
 # environment.yml first if you want it isolated); an externally managed system Python gets its own .venv. It keeps a torch that is already installed; otherwise it
@@ -59,8 +61,13 @@ case "${1:-}" in
         shift
         exec "$PYTHON" -m pytest "$@"
         ;;
+    book)
+        setup
+        shift
+        exec "$PYTHON" -m sigma_ref book "$@"
+        ;;
     *)
-        echo "usage: bash course.sh {start|test} [extra arguments for jupyter lab / pytest]" >&2
+        echo "usage: bash course.sh {start|test|book} [extra arguments for jupyter lab / pytest / the book]" >&2
         exit 2
         ;;
 esac

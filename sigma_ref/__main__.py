@@ -1,4 +1,5 @@
-"""Command line: python -m sigma_ref {train,compare,figures,bench,dilution,gpu-check,data,demo} ... (each has --help)."""
+"""Command line: python -m sigma_ref {train,compare,figures,bench,dilution,gpu-check,data,demo,release,book} ...
+(each has --help)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import dataclasses
 import json
 import sys
 
-from . import bench, data, dilution, experiments, gpucheck, kernels, masks, speedrun, train
+from . import bench, course, data, dilution, experiments, gpucheck, kernels, masks, speedrun, train
 from .runtime import machine_description
 
 
@@ -107,6 +108,16 @@ def _demo(args) -> None:
     {"masks": masks._demo, "kernels": kernels._demo}[args.what]()
 
 
+def _release(args) -> None:
+    written = course.release(args.out, args.notebooks)
+    print(f"wrote {len(written)} learner copies (exercise stubs, no solutions, no outputs) to {args.out}")
+
+
+def _book(args) -> None:
+    index = course.build_book(args.out, args.notebooks)
+    print(f"the course, executed: {index}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sigma_ref", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +189,16 @@ def main(argv=None) -> None:
     p = commands.add_parser("demo", help="print a module's own small demo")
     p.add_argument("what", choices=["masks", "kernels"])
     p.set_defaults(run=_demo)
+
+    p = commands.add_parser("release", help="learner copies of the notebooks: exercise stubs, solutions removed")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--notebooks", default=None, help="the course's notebooks (default: notebooks/ of this checkout)")
+    p.set_defaults(run=_release)
+
+    p = commands.add_parser("book", help="execute the notebooks (solved) and build the course as a static site")
+    p.add_argument("--out", default="build/book", help="output directory (default: build/book, ignored by git)")
+    p.add_argument("--notebooks", default=None, help="the course's notebooks (default: notebooks/ of this checkout)")
+    p.set_defaults(run=_book)
 
     args = parser.parse_args(argv)
     args.run(args)

@@ -46,3 +46,11 @@ def close_figures():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+@pytest.fixture(scope="session")
+def notebook_runs(tmp_path_factory):
+    """Each course notebook executed at most once per session (tests/notebook_runs.py)."""
+    from notebook_runs import NotebookRuns
+
+    return NotebookRuns(tmp_path_factory.mktemp("notebook-runs"))

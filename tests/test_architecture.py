@@ -27,12 +27,12 @@ FLOORS = [
     ["train"],
     ["viz"],
     ["experiments", "widgets", "bench"],
-    ["speedrun", "gpucheck", "dilution"],
+    ["speedrun", "gpucheck", "dilution", "course"],
     ["__main__"],
 ]
 FLOOR = {name: level for level, names in enumerate(FLOORS) for name in names}
 # Optional dependencies may be imported inside a function (the only function-local imports allowed).
-OPTIONAL = ("flash_attn", "ipywidgets", "IPython", "torch.nn.attention.flex_attention", "torch.nn.attention.varlen")
+OPTIONAL = ("flash_attn", "ipywidgets", "IPython", "nbclient", "nbformat", "torch.nn.attention.flex_attention", "torch.nn.attention.varlen")
 
 
 def module_name(path: Path) -> str:

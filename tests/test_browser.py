@@ -1,6 +1,6 @@
 """JupyterLab in a real browser: the widget notebooks open, run, and their widgets respond.
 
-Starts JupyterLab on 127.0.0.1 with a token on a COPY of the notebooks (autosave writes to what it opens),
+Starts JupyterLab on 127.0.0.1 with a token on solved COPIES of the notebooks (autosave writes to what it opens),
 drives Debian's chromium with Playwright, runs every cell of the head-split notebook (02) and the bias
 notebook (03), checks that no cell shows an error, moves a slider in each and checks ON THE PIXELS that the
 figure changed. Screenshots go to artifacts/browser/. Afterwards no server, kernel or browser process of the
@@ -16,7 +16,6 @@ import io
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from sigma_ref import course
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -82,7 +83,11 @@ def jupyterlab(tmp_path_factory):
     before = notebooks_digest()
     root = tmp_path_factory.mktemp("sigma-lab")
     marker = str(root)
-    shutil.copytree(ROOT / "notebooks", root / "notebooks")
+    # Solved copies (sigma_ref.course.solved): Run All must reach the end, and a stub stops it at the check.
+    (root / "notebooks").mkdir()
+    for path in course.course_notebooks(ROOT / "notebooks"):
+        course.write(course.solved(course.read(path)), root / "notebooks" / path.name)
+    course.release(root / "notebooks" / "learner")                   # what a class gets: stubs, no solutions
     settings = root / "settings"
     # No news / update prompt, and every cell in the DOM (no virtual scrolling) so the test can read them.
     (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
@@ -264,4 +269,16 @@ def test_bias_notebook_runs_and_its_sliders_redraw_the_gates(browser, jupyterlab
     page.screenshot(path=str(SCREENSHOTS / "jupyterlab_bias.png"))
     assert changed_fraction(before, after) > 0.005, "moving a bias slider did not change the gate figure"
     assert cell_errors(page) == []
+    page.close()
+
+
+def test_learner_copy_stops_at_the_stub_with_its_hint(browser, jupyterlab):
+    """A learner's Run All on a fresh copy: every cell runs, and the check fails on the stub with its hint."""
+    page = open_and_run_all(browser, jupyterlab, "learner/00_the_latte_problem.ipynb")
+    errors = cell_errors(page)
+    assert len(errors) == 1 and "NotImplementedError" in errors[0], errors
+    outputs = page.eval_on_selector_all(".jp-OutputArea-output", "els => els.map(e => e.innerText.trim())")
+    (traceback,) = [o for o in outputs if "NotImplementedError" in o]
+    assert "NotImplementedError: write uniform_image_mass(k, m). Hint:" in traceback
+    assert "correct" not in outputs
     page.close()

@@ -1,0 +1,109 @@
+"""sigma_ref.course on small hand-made notebooks: the exercise tags, solved and learner copies, bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sigma_ref import course
+
+
+def cell(kind, text, *tags):
+    made = {"cell_type": kind, "metadata": {"tags": list(tags)} if tags else {}, "source": text}
+    if kind == "code":
+        made.update(outputs=[{"output_type": "stream", "name": "stdout", "text": "old\n"}], execution_count=3)
+    return made
+
+
+def notebook(*cells):
+    return {"cells": list(cells), "metadata": {"widgets": {"state": {}}}, "nbformat": 4, "nbformat_minor": 5}
+
+
+STUB = "def f():\n    raise NotImplementedError('write f. Hint: 42')\n"
+SOLUTION = "def f():\n    return 42\n"
+CHECK = "assert f() == 42, 'expected 42'\nprint('correct')\n"
+
+
+def course_notebook():
+    return notebook(cell("markdown", "# T\n"), cell("code", "x = 1\n"), cell("markdown", "## Exercise\n"),
+                    cell("code", STUB, "exercise"), cell("raw", SOLUTION, "solution"), cell("code", CHECK, "check"))
+
+
+def test_solved_puts_the_solution_in_the_exercise_cell_and_drops_the_raw_cell():
+    nb = course_notebook()
+    solved = course.solved(nb)
+    assert [c["cell_type"] for c in solved["cells"]] == ["markdown", "code", "markdown", "code", "code"]
+    assert solved["cells"][3]["source"] == SOLUTION and "exercise" in course.tags(solved["cells"][3])
+    assert nb["cells"][3]["source"] == STUB                        # the input is not changed
+
+
+def test_learner_copy_keeps_the_stub_and_drops_solutions_outputs_and_widget_state():
+    copy = course.learner_copy(course_notebook())
+    assert [course.source(c) for c in copy["cells"]] == ["# T\n", "x = 1\n", "## Exercise\n", STUB, CHECK]
+    assert all(c["outputs"] == [] and c["execution_count"] is None for c in copy["cells"] if c["cell_type"] == "code")
+    assert "widgets" not in copy["metadata"]
+    assert course.exercise_cells(copy) == [(3, None, 4)]
+    assert course.learner_copy(copy) == copy                        # a learner copy of a learner copy: the same
+    with pytest.raises(ValueError, match="no solution cell"):
+        course.solutions(copy)
+
+
+def test_the_solved_and_learner_copies_run_as_the_course_says():
+    """Executed as plain Python: the solved copy prints "correct", the learner copy stops at the stub's hint."""
+    def run(nb):
+        code = "\n".join(course.source(c) for c in nb["cells"] if c["cell_type"] == "code")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+    solved = run(course.solved(course_notebook()))
+    assert solved.returncode == 0 and solved.stdout == "correct\n"
+    learner = run(course.learner_copy(course_notebook()))
+    assert learner.returncode != 0 and "NotImplementedError: write f. Hint: 42" in learner.stderr
+
+
+@pytest.mark.parametrize("cells, message", [
+    ([cell("code", STUB, "exercise"), cell("code", CHECK)], "must be followed"),
+    ([cell("code", STUB, "exercise"), cell("code", SOLUTION, "solution"), cell("code", CHECK, "check")],
+     "must be followed"),                                             # a solution must be a raw cell
+    ([cell("markdown", STUB, "exercise"), cell("code", CHECK, "check")], "expected a code cell"),
+    ([cell("raw", SOLUTION, "solution"), cell("code", CHECK, "check")], "outside an exercise"),
+    ([cell("code", STUB, "exercise")], "must be followed"),
+])
+def test_malformed_exercises_are_a_clear_value_error(cells, message):
+    with pytest.raises(ValueError, match=message):
+        course.exercise_cells(notebook(*cells))
+
+
+def test_answers_must_match_the_exercises():
+    with pytest.raises(ValueError, match="answers: 2 given, expected one per exercise"):
+        course.with_answers(course_notebook(), ["a", "b"])
+
+
+def test_release_of_a_directory_without_notebooks_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="notebooks_dir: no NN_"):
+        course.release(tmp_path / "out", tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_release_command_writes_learner_copies(tmp_path):
+    (tmp_path / "nb").mkdir()
+    course.write(course_notebook(), tmp_path / "nb" / "00_t.ipynb")
+    done = subprocess.run([sys.executable, "-m", "sigma_ref", "release", "--out", str(tmp_path / "out"),
+                           "--notebooks", str(tmp_path / "nb")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert course.read(tmp_path / "out" / "00_t.ipynb") == course.learner_copy(course_notebook())
+
+
+def test_widget_snapshots_replace_a_displayed_widget_by_what_its_output_widgets_show():
+    picture = {"output_type": "display_data", "metadata": {}, "data": {"image/png": "iVBOR"}}
+    view = {"output_type": "display_data", "metadata": {},
+            "data": {course.WIDGET_VIEW: {"model_id": "box"}, "text/plain": "VBox(...)"}}
+    nb = notebook(cell("code", "panel()"))
+    nb["cells"][0]["outputs"] = [view]
+    nb["metadata"]["widgets"] = {course.WIDGET_STATE: {"state": {
+        "box": {"model_name": "VBoxModel", "state": {"children": ["IPY_MODEL_slider", "IPY_MODEL_out"]}},
+        "slider": {"model_name": "IntSliderModel", "state": {}},
+        "out": {"model_name": "OutputModel", "state": {"outputs": [picture]}}}}}
+    static = course.widget_snapshots(nb)
+    assert static["cells"][0]["outputs"] == [course.SNAPSHOT_NOTE, picture]
+    assert "widgets" not in static["metadata"]
+    assert nb["cells"][0]["outputs"] == [view]                     # the input is not changed

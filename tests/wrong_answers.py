@@ -1,0 +1,123 @@
+"""Two plausible wrong answers per course exercise: each notebook's check must reject both (tests/test_notebooks.py).
+
+Kept with the tests, not in the notebooks, so that learner copies do not carry them.
+"""
+
+WRONG_ANSWERS = {
+    "00_the_latte_problem": [
+        """\
+def uniform_image_mass(k, m):
+    return m / k
+""",
+        """\
+def uniform_image_mass(k, m):
+    return k / (k + m)
+""",
+    ],
+    "01_masks": [
+        """\
+def intra_pairs(spec):
+    ids = sr.layout(spec)
+    return int((ids == sr.TEXT).sum()) ** 2 + int((ids == sr.IMAGE).sum()) ** 2
+""",
+        """\
+def intra_pairs(spec):
+    n = len(sr.layout(spec))
+    return n * (n + 1) // 2
+""",
+    ],
+    "02_split_heads": [
+        """\
+def unaffected_text_positions(spec):
+    ids = sr.layout(spec)
+    return (ids == sr.TEXT).nonzero().flatten().tolist()
+""",
+        """\
+def unaffected_text_positions(spec):
+    ids = sr.layout(spec)
+    last_image = max([i for i in range(len(ids)) if ids[i] == sr.IMAGE], default=len(ids))
+    return [i for i in range(len(ids)) if ids[i] == sr.TEXT and i < last_image]
+""",
+    ],
+    "03_gates": [
+        """\
+def bias_for_gate(p):
+    return p
+""",
+        """\
+import math
+
+
+def bias_for_gate(p):
+    return math.log(p)
+""",
+    ],
+    "04_the_sigma_layer": [
+        """\
+def attention_work(spec, H, h):
+    return (0.5 * h + (H - h)) / H          # "an intra head does half the work"
+""",
+        """\
+def attention_work(spec, H, h):
+    ids = sr.layout(spec)
+    t, i, n = int((ids == sr.TEXT).sum()), int((ids == sr.IMAGE).sum()), len(ids)
+    return (h * (t * t + i * i) + (H - h) * n * n) / (H * n * n)   # forgets the causal mask
+""",
+    ],
+    "05_fast_and_exact": [
+        """\
+def cu_seqlens_of(ids):
+    lengths = [int((row == m).sum()) for row in ids for m in (sr.TEXT, sr.IMAGE)]   # keeps empty segments
+    return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
+""",
+        """\
+def cu_seqlens_of(ids):
+    lengths = [int((row == m).sum()) for m in (sr.TEXT, sr.IMAGE) for row in ids]   # modality before row
+    lengths = [n for n in lengths if n > 0]
+    return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
+""",
+    ],
+    "06_train_the_tiny_mllm": [
+        """\
+def matching_slots(reference, generated):
+    return len(set(reference.split()) & set(generated.split()))       # words in common
+""",
+        """\
+def matching_slots(reference, generated):
+    truth, guess = D.caption_slots(reference.split()), D.caption_slots(generated.split())
+    return sum(guess[slot] == value for slot, value in truth.items())  # counts empty slots too
+""",
+    ],
+    "07_seeing_the_latte_separate": [
+        """\
+def text_to_image_mass(model, batch, layer, head):
+    with probes.math_backend(model):
+        probs = model(batch, return_details=True).details[layer].attn_probs[:, head]
+    real = batch["tokens"] != sr.data.PAD
+    image_keys = (batch["modality"] == sr.IMAGE) & real
+    queries = (batch["modality"] == sr.TEXT) & real                   # also text that cannot see an image
+    return (probs * image_keys[:, None, :]).sum(-1)[queries].mean().item()
+""",
+        """\
+def text_to_image_mass(model, batch, layer, head):
+    with probes.math_backend(model):
+        probs = model(batch, return_details=True).details[layer].attn_probs[:, head]
+    real = batch["tokens"] != sr.data.PAD
+    image_keys = (batch["modality"] == sr.IMAGE) & real
+    queries = (batch["modality"] == sr.TEXT) & real & (torch.cumsum(image_keys.long(), 1) > 0)
+    return (probs * image_keys[:, None, :]).sum(-1).mean().item()     # every row, image and padding too
+""",
+    ],
+    "08_beyond": [
+        """\
+def relative_drop(metrics, kind, n):
+    acc = metrics["dilution"][kind]
+    return acc["0"] - acc[str(n)]                                     # absolute, not relative
+""",
+        """\
+def relative_drop(metrics, kind, n):
+    acc = metrics["dilution"][kind]
+    return 0.0 if acc["0"] == 0 else acc[str(n)] / acc["0"]          # what is kept, not what is lost
+""",
+    ],
+}

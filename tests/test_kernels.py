@@ -198,3 +198,24 @@ def test_dense_mask_reuse_never_serves_a_stale_mask():
     expected3, _ = sr.sigma_attention(q, k, v, ids, 3, backend="math")
     torch.testing.assert_close(sr.sigma_attention(q, k, v, ids, 3, backend="sdpa")[0], expected3)
     assert not torch.allclose(first, expected)
+
+
+@given(modality_rows(max_len=40), st.integers(1, 4), st.data())
+def test_packed_sigma_attention_matches_math_in_values_and_gradients(ids, heads, data):
+    """The packed backend's autograd Function (both streams, right padding, head chunks of any size) against
+    `math`, values and gradients, for every split."""
+    split = data.draw(st.integers(0, heads), label="num_intra_heads")
+    batch, seq_len = ids.shape
+    lengths = data.draw(st.lists(st.integers(0, seq_len), min_size=batch, max_size=batch), label="lengths")
+    valid = torch.arange(seq_len)[None] < torch.tensor(lengths)[:, None]
+    threads = data.draw(st.integers(1, 3), label="threads")            # the backward's head chunks follow them
+    q, k, v = random_qkv(ids, heads=heads, requires_grad=True)
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    results = {}
+    with sr.runtime.torch_threads(threads):
+        for backend in ("math", "packed"):
+            out, _ = sr.sigma_attention(q, k, v, ids, split, backend=backend, valid=valid)
+            results[backend] = (out, *torch.autograd.grad((out * weight).sum(), (q, k, v)))
+    for name, got, expected in zip(["out", "dq", "dk", "dv"], results["packed"], results["math"]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert (results["packed"][0].transpose(1, 2)[~valid] == 0).all()       # zeros at padding

@@ -16,7 +16,8 @@ THE BACKENDS, from "easiest to read" to "fastest" (one file each):
 
     math     reference.py   scores -> mask -> softmax -> sum; returns the probabilities
     sdpa     reference.py   one F.scaled_dot_product_attention call with a dense (per-head) boolean mask
-    packed   packed.py      gather each (row, modality) into a segment, causal SDPA, gather back
+    packed   packed.py      gather each (row, modality) into a segment, causal flash attention, gather back;
+                            on CPU one autograd Function for both streams (saves no gathered copies)
     flex     flex.py        FlexAttention with a BlockMask (forward-only on CPU)
     flash    flash.py       flash-attn's varlen kernel (or torch's own) on the packed segments; CUDA, fp16/bf16
     auto     flash where it can run; else `packed` from PACKED_MIN_LENGTH tokens on, `sdpa` below, where the
@@ -35,7 +36,7 @@ import torch
 from ..masks import layout as parse_layout
 from . import flash, flex
 from .layout import GroupLayout, Segments
-from .packed import causal_attention, packed_attention
+from .packed import causal_attention, packed_attention, sigma_packed_attention
 from .reference import dense_decode_attention, math_attention, sdpa_attention
 
 BACKENDS = ("auto", "math", "sdpa", "packed", "flex", "flash")
@@ -127,8 +128,11 @@ def sigma_attention(q, k, v, modality_ids, num_intra_heads: int, *, backend: str
         return sdpa_attention(q, k, v, layout, True, num_intra_heads), None
     if backend == "flex":
         return flex.flex_attention(q, k, v, layout, num_intra_heads), None
-    grouped, causal = {"packed": (packed_attention, causal_attention),
-                       "flash": (flash.flash_grouped_attention, flash.flash_causal_attention)}[backend]
+    if backend == "packed":                            # both streams in one call, written into one output
+        if num_intra_heads == 0:
+            return causal_attention(q, k, v, layout), None
+        return sigma_packed_attention(q, k, v, layout, num_intra_heads), None
+    grouped, causal = flash.flash_grouped_attention, flash.flash_causal_attention
     if num_intra_heads in (0, num_heads):              # one stream only: no split, no cat
         return (grouped if num_intra_heads else causal)(q, k, v, layout), None
     # split (not q[:, a:b]): its backward is one cat, where slicing would allocate a zero gradient of full

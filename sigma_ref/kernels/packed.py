@@ -1,48 +1,191 @@
 """The packed backend: THE KEY TRICK of fast exact SIGMA attention.
 
 The intra mask restricted to one modality is exactly the causal mask on that modality's subsequence, in
-original order. So: stable-gather each (row, modality) group into its own segment, run ONE batched causal
-SDPA over the segments (right-padded to the longest), and gather the results back. Exact, O(S) memory, and
-the cross-modal blocks are never computed: with half the tokens image, an intra head does the work of two
-causal sequences of S/2, half that of one of S.
+original order. So: stable-gather each (row, modality) group into its own segment, run causal attention over
+the segments (right-padded to the longest), and put the results back. Exact, and the cross-modal blocks are
+never computed: with half the tokens image, an intra head does the work of two causal sequences of S/2, half
+that of one of S.
 
-    [B, H, S, d] --gather--> [num_segments, H, L, d] --causal SDPA--> --gather back--> [B, H, S, d]
+    [B, H, S, d] --gather--> [num_segments, h, L, d] --causal flash--> --gather back--> [B, S, h, d]
 
-Right padding never enters a segment (layout.py drops it), and its output positions are zero.
+On CPU the whole SIGMA attention (intra heads packed, global heads causal) is ONE autograd Function,
+`SigmaPackedFunction`, built on the two ops that `F.scaled_dot_product_attention` itself calls there (PyTorch's
+CPU flash-attention forward, which also returns the log-sum-exp, and its backward). Written as a composition
+of ordinary ops, autograd would keep the gathered copies of q, k, v alive until the backward, scatter
+gradients with an accumulating index_put into zero-filled tensors, and join the two streams with a cat in each
+direction. The Function instead
+- saves only q, k, v (the caller's own tensors), the output it returns, the log-sum-exps and the packing
+  plan (two index grids), so nothing packed outlives the forward;
+- writes both streams straight into one [B, S, H, d] output (the layout the attention modules reshape to
+  [B, S, D] for free), so there is no cat;
+- in the backward, re-gathers a few heads at a time, runs the flash backward on them and writes their
+  gradients in place into [B, S, H, d] gradient tensors: the extra memory is a few heads' worth, not a copy
+  of everything.
+
+Elsewhere (CUDA tensors, or a PyTorch without those ops) the same plan runs as a plain composition of
+`F.scaled_dot_product_attention` calls and autograd does the rest.
+
+Right padding never enters a segment (layout.py drops it); its output positions are zero, and no gradient
+flows from them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .layout import GroupLayout
 
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+@dataclass
+class PackPlan:
+    """Index grids that move tokens between [B, S] and the padded [num_segments, L] segment grid.
+
+    rows, positions: [num_segments, L] the token (row, position) that fills each slot. Slots past a segment's
+                     end hold token (0, 0): harmless, because they sit at the END of their segment and causal
+                     attention never lets a real query see a key to its right; their outputs are never read,
+                     and `slot_is_real` keeps any gradient from flowing out of them.
+    slot_is_real:    [num_segments, L, 1, 1] bool: True for a real token's slot; None when every slot is real.
+    segment, rank:   [B, S] each token's slot (padding tokens point at slot (0, 0) and are zeroed afterwards).
+    valid:           [B, S, 1, 1] bool: True for a real token; None without padding.
+    """
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    slot_is_real: torch.Tensor | None
+    segment: torch.Tensor
+    rank: torch.Tensor
+    valid: torch.Tensor | None
+
+
+def pack_plan(layout: GroupLayout) -> PackPlan:
+    """The layout's PackPlan, computed once per layout (every layer of a forward shares it)."""
+    def build():
+        seg = layout.segments()
+        num_segments, seq_len = seg.lengths.numel(), layout.seq_len
+        slot = seg.segment.reshape(-1)[seg.order] * seg.max_len + seg.rank.reshape(-1)[seg.order]   # [N_valid]
+        source = torch.zeros(num_segments * seg.max_len, dtype=torch.long, device=layout.ids.device)
+        source[slot] = seg.order
+        real = torch.zeros(num_segments * seg.max_len, dtype=torch.bool, device=layout.ids.device)
+        real[slot] = True
+        slot_is_real = None if bool(real.all()) else real.view(num_segments, seg.max_len, 1, 1)
+        valid = None if layout.valid is None else layout.valid[:, :, None, None]
+        return PackPlan((source // seq_len).view(num_segments, seg.max_len),
+                        (source % seq_len).view(num_segments, seg.max_len), slot_is_real, seg.segment, seg.rank,
+                        valid)
+    return layout.memo("pack_plan", build)
+
+
+def _pack(t: torch.Tensor, plan: PackPlan) -> torch.Tensor:
+    """[B, h, S, d] -> [num_segments, h, L, d]: one advanced-indexing gather straight from the strided input
+    (t[rows, :, positions] is [seg, L, h, d], indexed dims first; the transpose is a view)."""
+    return t[plan.rows, :, plan.positions].transpose(1, 2)
+
+
+def _unpack(packed: torch.Tensor, plan: PackPlan) -> torch.Tensor:
+    """[num_segments, h, L, d] -> [B, S, h, d], each token read from its slot."""
+    return packed.transpose(1, 2)[plan.segment, plan.rank]
+
+
+def _zero_padding_(t: torch.Tensor, plan: PackPlan) -> torch.Tensor:
+    """t [B, S, H, d] with padding tokens set to 0, in place."""
+    if plan.valid is not None:
+        t.masked_fill_(~plan.valid, 0)
+    return t
+
+
+def _head_chunks(first: int, last: int, size: int):
+    return [(a, min(a + size, last)) for a in range(first, last, size)]
+
+
+class SigmaPackedFunction(torch.autograd.Function):
+    """SIGMA attention on CPU: heads [0, h) packed per (row, modality), heads [h, H) causal. See the module."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: PackPlan, num_intra_heads: int):
+        batch, heads, seq_len, dim = q.shape
+        h = num_intra_heads
+        out = q.new_zeros(batch, seq_len, heads, dim)                          # [B, S, H, d]
+        lse_intra = lse_global = None
+        if h < heads:                                                          # global heads: causal, in place
+            o, lse_global = _FLASH_CPU(q[:, h:], k[:, h:], v[:, h:], 0.0, True)      # [B, H-h, S, d]
+            out[:, :, h:] = o.transpose(1, 2)
+            del o
+        if h > 0 and plan.rows.numel():                                        # intra heads: packed
+            o, lse_intra = _FLASH_CPU(*(_pack(t[:, :h], plan) for t in (q, k, v)), 0.0, True)  # [seg, h, L, d]
+            out[:, :, :h] = _unpack(o, plan)
+            del o
+        _zero_padding_(out, plan)
+        ctx.plan, ctx.num_intra_heads = plan, h
+        ctx.save_for_backward(q, k, v, out, lse_intra, lse_global)
+        return out.transpose(1, 2)                                             # [B, H, S, d] view
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse_intra, lse_global = ctx.saved_tensors
+        plan, h = ctx.plan, ctx.num_intra_heads
+        batch, heads, seq_len, dim = q.shape
+        out = out.transpose(1, 2)                                              # [B, H, S, d] view
+        if plan.valid is not None:                # padding's outputs are constants: no gradient flows from them
+            grad_out = grad_out.masked_fill(~plan.valid.transpose(1, 2), 0)
+        grads = [q.new_zeros(batch, seq_len, heads, dim) for _ in range(3)]    # dq, dk, dv as [B, S, H, d]
+        # A few heads per call: enough work units to keep every thread busy, while the temporaries (the
+        # gathered inputs and the op's own gradients) stay a few heads' worth.
+        threads = torch.get_num_threads()
+        for a, b in _head_chunks(h, heads, max(1, threads // batch)):
+            parts = _FLASH_CPU_BACKWARD(grad_out[:, a:b], q[:, a:b], k[:, a:b], v[:, a:b], out[:, a:b],
+                                        lse_global[:, a - h:b - h], 0.0, True)
+            for full, part in zip(grads, parts):
+                full[:, :, a:b] = part.transpose(1, 2)
+            del parts
+        num_segments = plan.rows.shape[0]
+        for a, b in _head_chunks(0, h if num_segments else 0, max(1, -(-threads // max(1, num_segments)))):
+            packed_grad_out = _pack(grad_out[:, a:b], plan)
+            if plan.slot_is_real is not None:      # a filler slot's query must not send gradient to real keys
+                packed_grad_out = packed_grad_out.masked_fill(~plan.slot_is_real.transpose(1, 2), 0)
+            parts = _FLASH_CPU_BACKWARD(packed_grad_out, *(_pack(t[:, a:b], plan) for t in (q, k, v, out)),
+                                        lse_intra[:, a:b], 0.0, True)
+            for full, part in zip(grads, parts):
+                full[:, :, a:b] = _unpack(part, plan)
+            del parts, packed_grad_out
+        return (*(_zero_padding_(g, plan).transpose(1, 2) for g in grads), None, None)
+
+
+def _fused_supported(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None
+
+
+def sigma_packed_attention(q, k, v, layout: GroupLayout, num_intra_heads: int):
+    """Heads [0, num_intra_heads) causal within the layout's groups, the rest causal over everything.
+    q, k, v: [B, H, S, d] -> [B, H, S, d] (a view of a [B, S, H, d] tensor); zeros at padding."""
+    plan = pack_plan(layout)
+    if _fused_supported(q):
+        return SigmaPackedFunction.apply(q, k, v, plan, num_intra_heads)
+    # The same plan as a composition of differentiable ops (CUDA tensors): autograd keeps the gathered copies.
+    h, heads = num_intra_heads, q.shape[1]
+    streams = []
+    if h > 0:
+        packed = F.scaled_dot_product_attention(*(_pack(t[:, :h], plan) for t in (q, k, v)), is_causal=True)
+        streams.append(_unpack(packed, plan))                                  # [B, S, h, d]
+    if h < heads:
+        streams.append(F.scaled_dot_product_attention(q[:, h:], k[:, h:], v[:, h:], is_causal=True).transpose(1, 2))
+    out = torch.cat(streams, dim=2) if len(streams) > 1 else streams[0]
+    if plan.valid is not None:
+        out = out.masked_fill(~plan.valid, 0)
+    return out.transpose(1, 2)
+
 
 def packed_attention(q, k, v, layout: GroupLayout):
-    """Causal attention within the layout's groups. q, k, v: [B, H, S, d] -> [B, H, S, d]."""
-    batch, heads, seq_len, dim = q.shape
-    seg = layout.segments()
-    num_segments = seg.lengths.numel()
-    # Which token fills each slot of the padded [num_segments, max_len] grid, as (row, position) pairs.
-    # Slots past a segment's end hold token (0, 0): harmless, because they sit at the END of their segment
-    # and causal attention never lets a real query see a key to its right; their outputs are never read.
-    slot = seg.segment.reshape(-1)[seg.order] * seg.max_len + seg.rank.reshape(-1)[seg.order]   # [N_valid]
-    source = torch.zeros(num_segments * seg.max_len, dtype=torch.long, device=q.device)
-    source[slot] = seg.order
-    source_row = (source // seq_len).view(num_segments, seg.max_len)
-    source_pos = (source % seq_len).view(num_segments, seg.max_len)
-
-    def pack(t):                                                          # [B, H, S, d] -> [seg, H, L, d]
-        # One advanced-indexing gather straight from the strided input: t[rows, :, positions] has shape
-        # [seg, L, H, d] (indexed dims first), and the transpose is a view.
-        return t[source_row, :, source_pos].transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(pack(q), pack(k), pack(v), is_causal=True)   # [seg, H, L, d]
-    unpacked = out.transpose(1, 2)[seg.segment, seg.rank].transpose(1, 2)          # [B, S, H, d] -> [B, H, S, d]
-    return layout.zero_padding(unpacked)
+    """Causal attention within the layout's groups, every head. q, k, v: [B, H, S, d] -> [B, H, S, d]."""
+    return sigma_packed_attention(q, k, v, layout, q.shape[1])
 
 
 def causal_attention(q, k, v, layout: GroupLayout):
-    """The global stream on this backend: SDPA's mask-free causal kernel; zeros at padding."""
+    """Every head causal over everything (standard attention on this backend): SDPA's mask-free causal kernel;
+    zeros at padding."""
     return layout.zero_padding(F.scaled_dot_product_attention(q, k, v, is_causal=True))

@@ -11,14 +11,16 @@ the `packed` kernel gathers each modality into its own segment and never compute
     python -m sigma_ref bench --train-step     # the tiny model's training step, SIGMA vs standard
 
 Every ratio is a median measured in the same run as its reference, on the same inputs: this machine is
-shared and noisy, and only side-by-side ratios are meaningful. Memory is the peak growth of the process's
-resident memory while one forward+backward runs, each case in a fresh subprocess (CPU), or
-torch.cuda.max_memory_allocated (CUDA); inputs, outputs and gradients are included, for every row alike.
+shared and noisy, and only side-by-side ratios are meaningful. Memory is the growth of the peak resident size
+during one forward+backward (inputs made before it and not counted; outputs, gradients and temporaries
+counted), the median of three fresh processes with glibc's mmap threshold fixed so that the resident size
+follows the live tensors (CPU), or torch.cuda.max_memory_allocated (CUDA).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -191,28 +193,38 @@ from sigma_ref import bench
 def status_kib(field):  # a field of /proc/self/status, in KiB
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-fn = bench.{maker}({what!r}, {n}, torch.device("cpu"), torch.float32, True)   # inputs are allocated here...
-del fn
+fn = bench.{maker}({what!r}, {n}, torch.device("cpu"), torch.float32, True)   # inputs (and module) exist now
 before = status_kib("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:   # reset the peak (VmHWM) to the current resident size
     f.write("5")
-fn = bench.{maker}({what!r}, {n}, torch.device("cpu"), torch.float32, True)   # ...and again, counted
 fn()
 print((status_kib("VmHWM") - before) * 1024)
 """
 
+# glibc's malloc serves big blocks with mmap and returns them on free, but raises that threshold after the first
+# big free (up to 32 MiB), after which blocks come from a heap whose freed memory stays resident and is reused:
+# the resident size then depends on what ran before. A fixed threshold turns that off, so every tensor of 64 KiB
+# or more is mapped when allocated and unmapped when freed, and the peak resident size follows the live tensors.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
-def peak_memory_bytes(maker: str, what: str, n: int, device) -> int:
-    """Peak memory of one forward+backward (inputs, outputs and gradients included)."""
+
+def peak_memory_bytes(maker: str, what: str, n: int, device, repeats: int = 3) -> int:
+    """Peak memory growth during one forward+backward (outputs, gradients and every temporary; the inputs and
+    the module's weights exist before and are not counted), the median of `repeats` fresh processes on CPU."""
     if device.type == "cuda":
+        case = getattr(sys.modules[__name__], maker)(what, n, device, torch.bfloat16, True)
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        getattr(sys.modules[__name__], maker)(what, n, device, torch.bfloat16, True)()
+        case()
+        torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     script = _MEMORY_SCRIPT.format(threads=torch.get_num_threads(), maker=maker, what=what, n=n)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    return int(result.stdout.strip().splitlines()[-1])
+    env = {**os.environ, **_MALLOC_ENV}
+    runs = [int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                               env=env).stdout.strip().splitlines()[-1]) for _ in range(repeats)]
+    return int(statistics.median(runs))
 
 
 def memory_table(sizes, device, progress=True) -> Table:
@@ -220,7 +232,8 @@ def memory_table(sizes, device, progress=True) -> Table:
              ("kernel_case", "SIGMA packed"), ("module_case", "standard"), ("module_case", "sigma")]
     if device.type == "cuda" and "SIGMA flash" in available_kernels(device, torch.bfloat16):
         cases.insert(3, ("kernel_case", "SIGMA flash"))
-    table = Table(f"Peak memory of one forward+backward, {device.type} (MiB; ratio to standard causal SDPA for "
+    table = Table(f"Peak memory growth during one forward+backward, inputs not counted, {device.type} "
+                  "(MiB, median of 3 fresh processes; ratio to standard causal SDPA for "
                   "kernels, to the StandardAttention module for modules)", ["N", "what", "peak MiB", "ratio"])
     for n in tqdm(sizes, desc="memory", disable=not progress):
         measured = {}

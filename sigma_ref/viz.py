@@ -312,3 +312,38 @@ def text_gates_figure(histories: dict[str, list[dict]], title: str) -> plt.Figur
 
 if __name__ == "__main__":
     head_masks_figure(M.layout("T3 I6 T4"), 8, 4).savefig(sys.argv[1] if len(sys.argv) > 1 else "head_masks.png")
+
+
+BENCH_SERIES = {"SIGMA packed": "tab:blue", "SIGMA sdpa (dense mask)": "tab:red",
+                "SigmaAttention module": "tab:green"}
+
+
+def benchmark_figure(results: dict, title: str = "") -> plt.Figure:
+    """The results of `python -m sigma_ref bench --out FILE.json`: forward+backward time (left) and peak memory
+    growth (right) of SIGMA's attention as a ratio to its standard reference, against the sequence length."""
+    tables = {t["title"].split(",")[0]: t for t in results["tables"]}
+    time_rows = next(t for name, t in tables.items() if name.startswith("Attention time"))["rows"]
+    memory = [t for name, t in tables.items() if name.startswith("Peak memory")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    panels = [(axes[0], {(n, what): ratio for n, what, _, _, _, ratio in time_rows}, "forward+backward time")]
+    if memory:
+        panels.append((axes[1], {(n, what): ratio for n, what, _, ratio in memory[0]["rows"]}, "peak memory growth"))
+    else:
+        axes[1].set_axis_off()
+    for ax, ratios, quantity in panels:
+        for what, colour in BENCH_SERIES.items():
+            points = sorted((n, r) for (n, w), r in ratios.items() if w == what and r is not None)
+            if points:
+                ax.plot(*zip(*points), "o-", color=colour, label=what)
+        ax.axhline(1.0, color="black", lw=1, label="standard attention (1x)")
+        if quantity.endswith("time"):
+            ax.axhline(0.75, color="grey", lw=1, ls="--", label="floor: half the heads do half the work")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N (half the tokens image)")
+        ax.set_ylabel(f"{quantity} / standard")
+        ax.set_title(quantity)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title or f"SIGMA vs standard attention ({results.get('machine', '')})", fontsize=9)
+    fig.tight_layout()
+    return fig

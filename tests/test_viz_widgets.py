@@ -128,3 +128,16 @@ def test_panels_show_their_figure_as_png_whatever_the_backend(backend):
         assert any(o.get("output_type") == "stream" and "intra" in o["text"] for o in output.outputs)
     finally:
         matplotlib.use(previous)
+
+
+def test_benchmark_figure_draws_time_and_memory_ratios_of_the_committed_run():
+    import json
+    from pathlib import Path
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "results" / "bench_cpu.json").read_text())
+    fig = sr.viz.benchmark_figure(results)
+    time_ax, memory_ax = fig.axes
+    assert time_ax.get_xlabel().startswith("sequence length") and memory_ax.get_ylabel().endswith("/ standard")
+    packed = next(line for line in time_ax.get_lines() if line.get_label() == "SIGMA packed")
+    assert list(packed.get_xdata()) == [512, 2048, 4096, 8192]
+    assert {l.get_label() for l in memory_ax.get_lines()} >= {"SIGMA packed", "SigmaAttention module"}

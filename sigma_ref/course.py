@@ -238,8 +238,8 @@ def build_book(out: str | Path, notebooks_dir: str | Path | None = None,
 
     Each notebook is solved (solutions in the exercise cells, collapsed behind jupyter-book's "hide-input"),
     executed in a fresh kernel unless `executed` already holds its executed solved copy (by file name), its
-    widgets replaced by snapshots of what they show, and rendered by jupyter-book without executing again. The kernel inherits this process's environment, so
-    SIGMA_FAST=1 builds the fast-mode course.
+    widgets replaced by snapshots of what they show, and rendered by jupyter-book without executing again.
+    The kernel inherits this process's environment, so SIGMA_FAST=1 builds the fast-mode course.
     """
     out = Path(out)
     source_dir = out / "source"

@@ -1,5 +1,7 @@
 """Every backend computes the same function: the contract in kernels.py's docstring."""
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -200,10 +202,11 @@ def test_dense_mask_reuse_never_serves_a_stale_mask():
     assert not torch.allclose(first, expected)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu autograd Function", "composition (CUDA's path)"])
 @given(modality_rows(max_len=40), st.integers(1, 4), st.data())
-def test_packed_sigma_attention_matches_math_in_values_and_gradients(ids, heads, data):
-    """The packed backend's autograd Function (both streams, right padding, head chunks of any size) against
-    `math`, values and gradients, for every split."""
+def test_packed_sigma_attention_matches_math_in_values_and_gradients(fused, ids, heads, data):
+    """The packed backend against `math`, values and gradients, for every split and right padding: the CPU
+    autograd Function (head chunks of any size) and the plain composition that CUDA tensors take."""
     split = data.draw(st.integers(0, heads), label="num_intra_heads")
     batch, seq_len = ids.shape
     lengths = data.draw(st.lists(st.integers(0, seq_len), min_size=batch, max_size=batch), label="lengths")
@@ -212,7 +215,7 @@ def test_packed_sigma_attention_matches_math_in_values_and_gradients(ids, heads,
     q, k, v = random_qkv(ids, heads=heads, requires_grad=True)
     weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
     results = {}
-    with sr.runtime.torch_threads(threads):
+    with sr.runtime.torch_threads(threads), mock.patch.object(kernels.packed, "_fused_supported", lambda q: fused):
         for backend in ("math", "packed"):
             out, _ = sr.sigma_attention(q, k, v, ids, split, backend=backend, valid=valid)
             results[backend] = (out, *torch.autograd.grad((out * weight).sum(), (q, k, v)))

@@ -129,8 +129,6 @@ def sigma_attention(q, k, v, modality_ids, num_intra_heads: int, *, backend: str
     if backend == "flex":
         return flex.flex_attention(q, k, v, layout, num_intra_heads), None
     if backend == "packed":                            # both streams in one call, written into one output
-        if num_intra_heads == 0:
-            return causal_attention(q, k, v, layout), None
         return sigma_packed_attention(q, k, v, layout, num_intra_heads), None
     grouped, causal = flash.flash_grouped_attention, flash.flash_causal_attention
     if num_intra_heads in (0, num_heads):              # one stream only: no split, no cat

@@ -163,15 +163,15 @@ def _fused_supported(q: torch.Tensor) -> bool:
 def sigma_packed_attention(q, k, v, layout: GroupLayout, num_intra_heads: int):
     """Heads [0, num_intra_heads) causal within the layout's groups, the rest causal over everything.
     q, k, v: [B, H, S, d] -> [B, H, S, d] (a view of a [B, S, H, d] tensor); zeros at padding."""
+    if num_intra_heads == 0:                       # no intra head: standard attention, nothing to pack
+        return causal_attention(q, k, v, layout)
     plan = pack_plan(layout)
     if _fused_supported(q):
         return SigmaPackedFunction.apply(q, k, v, plan, num_intra_heads)
     # The same plan as a composition of differentiable ops (CUDA tensors): autograd keeps the gathered copies.
     h, heads = num_intra_heads, q.shape[1]
-    streams = []
-    if h > 0:
-        packed = F.scaled_dot_product_attention(*(_pack(t[:, :h], plan) for t in (q, k, v)), is_causal=True)
-        streams.append(_unpack(packed, plan))                                  # [B, S, h, d]
+    packed = F.scaled_dot_product_attention(*(_pack(t[:, :h], plan) for t in (q, k, v)), is_causal=True)
+    streams = [_unpack(packed, plan)]                                          # [B, S, h, d]
     if h < heads:
         streams.append(F.scaled_dot_product_attention(q[:, h:], k[:, h:], v[:, h:], is_causal=True).transpose(1, 2))
     out = torch.cat(streams, dim=2) if len(streams) > 1 else streams[0]

@@ -52,20 +52,28 @@ class Muon(torch.optim.Muon):
         if closure is not None:
             raise ValueError("Muon.step: closure is not supported, got a closure")
         for group in self.param_groups:
-            by_shape: dict[torch.Size, list] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-                momentum = state["momentum_buffer"]
-                momentum.lerp_(p.grad, 1 - group["momentum"])
-                by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(momentum, group["momentum"])))  # Nesterov
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            momenta = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
+            nesterov = torch._foreach_lerp(grads, momenta, group["momentum"])
+            # Tall matrices are orthogonalised as their transposes (orthogonalise does the same inside), so a
+            # [256, 64] and a [64, 256] matrix share one batched iteration: fewer, larger matmuls.
+            by_shape: dict[tuple, list] = {}
+            for p, update in zip(params, nesterov):
+                tall = p.shape[-2] > p.shape[-1]
+                by_shape.setdefault(tuple((update.mT if tall else update).shape), []).append((p, update, tall))
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])          # decoupled weight decay
             for shape, items in by_shape.items():
-                updates = orthogonalise(torch.stack([u for _, u in items]), group["ns_steps"], group["eps"])
+                wide = torch.stack([u.mT if tall else u for _, u, tall in items])       # [n, small, large]
+                orthogonal = orthogonalise(wide, group["ns_steps"], group["eps"])
                 # match_rms_adamw: scale so the update's RMS is AdamW's, whatever the matrix's shape.
                 scaled_lr = group["lr"] * 0.2 * math.sqrt(max(shape))
-                for (p, _), update in zip(items, updates):
-                    p.mul_(1 - group["lr"] * group["weight_decay"])                   # decoupled weight decay
-                    p.add_(update, alpha=-scaled_lr)
+                torch._foreach_add_([p for p, _, _ in items],
+                                    [o.mT if tall else o for (_, _, tall), o in zip(items, orthogonal.unbind())],
+                                    alpha=-scaled_lr)

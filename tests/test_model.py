@@ -121,9 +121,10 @@ def test_muon_takes_the_blocks_weight_matrices_and_adamw_everything_else():
 def test_float32_muon_follows_torch_muon_step_for_step():
     """sigma_ref.optim.Muon is torch.optim.Muon with the Newton-Schulz iteration in float32 instead of bfloat16:
     after several steps on the same gradients the weights agree to bfloat16's precision, and a plain
-    (non-orthogonalised) momentum step would not."""
+    (non-orthogonalised) momentum step would not. A tall matrix shares its transpose's batched iteration."""
     torch.manual_seed(0)
-    weights = [torch.randn(64, 256) * 0.02, torch.randn(96, 64) * 0.02]
+    weights = [torch.randn(64, 256) * 0.02, torch.randn(256, 64) * 0.02, torch.randn(96, 64) * 0.02,
+               torch.randn(64, 64) * 0.02]
     ours = [torch.nn.Parameter(w.clone()) for w in weights]
     theirs = [torch.nn.Parameter(w.clone()) for w in weights]
     sgd = [torch.nn.Parameter(w.clone()) for w in weights]

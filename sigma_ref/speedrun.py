@@ -38,6 +38,8 @@ LADDER = [
     ("smaller model D=64, L=2; lr 6e-3, 800-step schedule", dict(hidden_size=64, num_layers=2, lr=6e-3, steps=800)),
     ("conv patch encoder (3x3 conv + GELU in each patch)", dict(patch_encoder="conv")),
     ("20 warm-up steps (not 50)", dict(warmup_steps=20)),
+    ("Muon also for the patch projection", dict(muon_scope="blocks+patch")),
+    ("Muon momentum 0.9 (not 0.95)", dict(muon_momentum=0.9)),
 ]
 
 

@@ -31,6 +31,8 @@ from .runtime import default_device, write_atomic
 
 
 OPTIMIZERS = ("adamw", "muon")
+# Which weight matrices Muon trains (by module name), when the recipe's optimizer is "muon".
+MUON_SCOPES = {"blocks": ("blocks.",), "blocks+patch": ("blocks.", "patch_embedding.")}
 GATE_PROBE_IMAGES = 16                 # blank image tokens in the text-only gate probe recorded during training
 
 
@@ -56,6 +58,8 @@ class TrainConfig:
     backend: str = "auto"
     patch_encoder: str = "linear"      # the model's patch encoder: "linear" or "conv" (model.py)
     optimizer: str = "adamw"           # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for the rest
+    muon_scope: str = "blocks"         # "blocks", or "blocks+patch": Muon also trains the patch projection
+    muon_momentum: float = 0.95
     # Stop early once the validation caption exact match reaches this (None: train all `steps`). Checked every
     # `target_every` steps on the first `target_samples` validation scenes, with greedy decoding.
     target_exact_match: float | None = None
@@ -70,6 +74,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.muon_scope not in MUON_SCOPES:
+            raise ValueError(f"TrainConfig.muon_scope must be one of {tuple(MUON_SCOPES)}, got {self.muon_scope!r}")
+        if isinstance(self.muon_momentum, bool) or not isinstance(self.muon_momentum, (int, float)) \
+                or not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"TrainConfig.muon_momentum must be a number in [0, 1), got {self.muon_momentum!r}")
         if self.target_exact_match is not None and not 0 <= self.target_exact_match <= 1:
             raise ValueError(f"TrainConfig.target_exact_match must be None or between 0 and 1, "
                              f"got {self.target_exact_match!r}")
@@ -79,7 +88,8 @@ PRESETS = {
     # The course's model on a CPU: learns the task (>= 95% caption exact match) in less than a minute of one
     # core's time. The speedrun log in README.md (speedrun.py's LADDER) says how this recipe was reached.
     "cpu": TrainConfig(hidden_size=64, num_layers=2, num_heads=4, steps=800, batch_size=48, lr=6e-3,
-                       warmup_steps=20, optimizer="muon", patch_encoder="conv", eval_every=100,
+                       warmup_steps=20, optimizer="muon", muon_scope="blocks+patch", muon_momentum=0.9,
+                       patch_encoder="conv", eval_every=100,
                        checkpoint_every=200, target_exact_match=0.97, target_every=50),
     # A CUDA GPU: larger, bf16, flash-attn (or torch's varlen flash kernel) when present.
     "gpu": TrainConfig(hidden_size=256, num_layers=6, num_heads=8, steps=4000, batch_size=128, lr=1e-3,
@@ -114,21 +124,24 @@ def make_optimizers(model: torch.nn.Module, config: TrainConfig) -> list[torch.o
     """The optimisers of a recipe, each with its own parameter groups; all step with the same schedule.
 
     adamw: AdamW for everything; weight decay on weight matrices only (not on norms, biases, the stream bias).
-    muon:  Muon (orthogonalised momentum, optim.py) for the weight matrices inside the blocks, where it trains
-           in fewer steps than AdamW; AdamW for embeddings, the (tied) output head, the patch projection,
-           norms, biases and the stream bias, as in the Muon recipes of the GPT-2 speedruns. Muon's update is
-           scaled to AdamW's size, so both take the same `lr`.
+    muon:  Muon (orthogonalised momentum, optim.py) for the weight matrices inside the blocks (and, with
+           muon_scope "blocks+patch", the patch projection: the image's way in, a matrix between features like
+           the blocks'), where it trains in fewer steps than AdamW; AdamW for embeddings, the (tied) output
+           head, the conv filters, norms, biases and the stream bias, as in the Muon recipes of the GPT-2
+           speedruns. Muon's update is scaled to AdamW's size, so both take the same `lr`.
     """
     named = list(model.named_parameters())
-    # Muon orthogonalises 2-D updates; a block's weight matrix is the kind of parameter it was made for.
-    use_muon = lambda name, p: config.optimizer == "muon" and p.dim() == 2 and name.startswith("blocks.")
+    # Muon orthogonalises 2-D updates; a weight matrix between hidden features is the kind of parameter it was
+    # made for (the blocks', and with muon_scope "blocks+patch" the patch projection's).
+    owners = MUON_SCOPES[config.muon_scope]
+    use_muon = lambda name, p: config.optimizer == "muon" and p.dim() == 2 and name.startswith(owners)
     muon = [p for n, p in named if use_muon(n, p)]
     decay = [p for n, p in named if not use_muon(n, p) and p.dim() >= 2 and "stream_bias" not in n]
     no_decay = [p for n, p in named if not use_muon(n, p) and (p.dim() < 2 or "stream_bias" in n)]
     optimizers = [torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                      {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)]
     if muon:
-        optimizers.append(Muon(muon, lr=config.lr, weight_decay=config.weight_decay))
+        optimizers.append(Muon(muon, lr=config.lr, weight_decay=config.weight_decay, momentum=config.muon_momentum))
     return optimizers
 
 

@@ -173,6 +173,54 @@ def prepare_layout(modality_ids, x: torch.Tensor, valid=None) -> kernels.GroupLa
     return kernels.GroupLayout.of(ids, batch, seq_len, x.device, valid, name="modality_ids")
 
 
+class GatedOutputProjection(torch.autograd.Function):
+    """y = o_proj(sigmoid(x W_g^T + T[ids]) * o), the gated layers' last step, as one autograd step.
+
+    Why: autograd keeps the gate (the sigmoid's output) and the gated product for the backward pass, two
+    [B, S, D] activations per layer that standard attention does not have; at long sequences they are most of
+    the memory a gate costs. This Function keeps only x, o and the weights, which the layer keeps anyway, and
+    recomputes the gate in the backward pass (one [S, D] x [D, D] matmul). It runs the same ops as autograd,
+    so the numbers are the same to the bit (tests/test_attention.py).
+
+    x, o [B, S, D]; gate_weight [D, D]; table [M, D] (the stream bias per modality) or None; ids [B, S];
+    out_weight [D, D] (o_proj's).
+    """
+
+    @staticmethod
+    def forward(ctx, x, o, gate_weight, table, ids, out_weight):
+        gate = torch.sigmoid(_gate_logits(x, gate_weight, table, ids))
+        ctx.save_for_backward(x, o, gate_weight, table, ids, out_weight)
+        return F.linear(o * gate, out_weight)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, o, gate_weight, table, ids, out_weight = ctx.saved_tensors
+        gate = torch.sigmoid(_gate_logits(x, gate_weight, table, ids))           # recomputed, not stored
+        D = o.shape[-1]
+        grad_y2 = grad_y.reshape(-1, D)                                          # [B*S, D]
+        grad_out_weight = grad_y2.t().mm((o * gate).reshape(-1, D))
+        grad_gated = grad_y2.mm(out_weight).view_as(o)
+        grad_logits = torch.ops.aten.sigmoid_backward(grad_gated * o, gate)       # [B, S, D]
+        grad_logits2 = grad_logits.reshape(-1, D)
+        grad_table = None if table is None else \
+            torch.ops.aten.embedding_dense_backward(grad_logits, ids, table.shape[0], -1, False)
+        return (grad_logits2.mm(gate_weight).view_as(x), grad_gated * gate, grad_logits2.t().mm(x.reshape(-1, D)),
+                grad_table, None, grad_out_weight)
+
+
+def _gate_logits(x, gate_weight, table, ids):
+    logits = F.linear(x, gate_weight)                                     # [B, S, D]
+    return logits if table is None else logits + F.embedding(ids, table)  # = table[ids], faster backward
+
+
+def gated_output(x, o, gate_weight, table, ids, out_weight) -> torch.Tensor:
+    """o_proj(sigmoid(x W_g^T + T[ids]) * o): GatedOutputProjection, or the same ops under autograd where
+    autocast is on (a custom Function would run its backward without it)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return F.linear(o * torch.sigmoid(_gate_logits(x, gate_weight, table, ids)), out_weight)
+    return GatedOutputProjection.apply(x, o, gate_weight, table, ids, out_weight)
+
+
 class _Attention(nn.Module):
     """The shared skeleton: q/k/v/o projections, input checks, the kernel call."""
 
@@ -272,6 +320,9 @@ class GatedAttention(_Attention):
     def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None, valid=None):
         layout = self._inputs(x, modality_ids, valid)
         o, probs = self._attend(x, layout, return_details, cache)                   # [B, S, D]
+        if not (return_details or self.config.headwise_gate):
+            # = o_proj(sigmoid(gate_proj(x)) * o), without storing the gate for the backward pass
+            return gated_output(x, o, self.gate_proj.weight, None, layout.ids, self.o_proj.weight)
         gate = torch.sigmoid(self.gate_proj(x))                           # [B, S, D] or [B, S, H]
         if self.config.headwise_gate:
             B, S, H = gate.shape
@@ -327,30 +378,37 @@ class SigmaAttention(_Attention):
             logits = logits + self.stream_bias_for(stream, modality_ids)
         return torch.sigmoid(logits)
 
+    def gate_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Both gates' weights stacked, intra rows first ([D, D]), and the stream bias as one table per modality
+        ([M, D], or None without it); None when gates are off. What `gates` and the forward pass use."""
+        projs = [p for p in (self.gate_intra_proj, self.gate_global_proj) if p is not None]
+        if not projs:
+            return None
+        weight = projs[0].weight if len(projs) == 1 else torch.cat([p.weight for p in projs])   # [D, D]
+        table = None
+        if self.stream_bias is not None:
+            table = torch.cat([self.stream_bias[INTRA, :, :self.config.intra_dim],
+                               self.stream_bias[GLOBAL, :, :self.config.global_dim]], dim=-1)      # [M, D]
+        return weight, table
+
     def gates(self, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor | None:
         """Both gates at once, intra channels first: [B, S, D] (None when gates are off).
 
         Equal to cat(gate(INTRA), gate(GLOBAL)), but one matmul over the stacked gate weights and one bias
         lookup: at the tiny model's sizes every extra kernel call shows in the training step.
         """
-        projs = [p for p in (self.gate_intra_proj, self.gate_global_proj) if p is not None]
-        if not projs:
-            return None
-        weight = projs[0].weight if len(projs) == 1 else torch.cat([p.weight for p in projs])   # [D, D]
-        logits = F.linear(x, weight)                                      # [B, S, D]
-        if self.stream_bias is not None:
-            table = torch.cat([self.stream_bias[INTRA, :, :self.config.intra_dim],
-                               self.stream_bias[GLOBAL, :, :self.config.global_dim]], dim=-1)      # [M, D]
-            logits = logits + F.embedding(modality_ids, table)       # = table[modality_ids], faster backward
-        return torch.sigmoid(logits)
+        parameters = self.gate_parameters()
+        return None if parameters is None else torch.sigmoid(_gate_logits(x, *parameters, modality_ids))
 
     def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None, valid=None):
         layout = self._inputs(x, modality_ids, valid)
         o, probs = self._attend(x, layout, return_details, cache)            # [B, S, D], intra heads first
-        g = self.gates(x, layout.ids)                                     # [B, S, D] or None
-        gated = o if g is None else o * g                                 # = cat(g_intra*o_intra, g_global*o_global)
+        parameters = self.gate_parameters()
         if not return_details:
-            return self.o_proj(gated)
+            # = o_proj(cat(g_intra*o_intra, g_global*o_global)), without storing the gates for the backward
+            return self.o_proj(o) if parameters is None else gated_output(x, o, *parameters, layout.ids, self.o_proj.weight)
+        g = self.gates(x, layout.ids)                                     # [B, S, D] or None
+        gated = o if g is None else o * g
         split = [self.config.intra_dim, self.config.global_dim]
         o_intra, o_global = o.split(split, dim=-1)
         g_intra, g_global = (None, None) if g is None else g.split(split, dim=-1)

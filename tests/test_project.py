@@ -98,16 +98,26 @@ def test_readme_dilution_claims_match_the_committed_run():
 
     metrics, counts = dilution.load_metrics(ROOT / "results" / "dilution")
     assert counts == (0, 8, 16, 32, 64, 128) and {m["seed"] for m in metrics} == {0, 1, 2}
-    mean = lambda mix, variant, key: sum(key(m) for m in metrics if m["train_mix"] == mix and m["variant"] == variant) / 3
-    blank = lambda n: (lambda m: m["accuracy"]["blank"][str(n)])
-    assert [round(mean("irrelevant images", a, blank(64)), 2) for a in ("sigma", "standard", "gated")] == [0.78, 0.49, 0.37]
-    assert [round(mean("irrelevant images", v, blank(64)), 2) for v in ("0 intra heads", "1 intra head", "sigma", "3 intra heads")] \
-        == [0.56, 0.71, 0.78, 1.0]
-    assert round(mean("irrelevant images", "gates off", blank(64)), 3) == 0.964
+    runs = lambda mix, variant: [m for m in metrics if m["train_mix"] == mix and m["variant"] == variant]
+    mean = lambda mix, variant, key: sum(key(m) for m in runs(mix, variant)) / 3
+    accuracy = lambda kind, n: (lambda m: m["accuracy"][kind][str(n)])
+    mixed = "irrelevant images"
+    assert [round(mean("text only", a, accuracy("blank", 16)), 2) for a in ("standard", "sigma", "gated")] == [0.12, 0.19, 0.22]
+    assert round(max(mean("text only", a, accuracy("noise", 64)) for a in ("standard", "gated", "sigma")), 3) == 0.002
+    assert round(min(mean(mixed, a, accuracy(kind, n)) for a in ("standard", "gated", "sigma") for kind in ("blank", "noise")
+                     for n in (8, 16)), 3) == 0.998
+    assert [round(mean(mixed, a, accuracy("blank", 64)), 2) for a in ("sigma", "standard", "gated")] == [0.87, 0.41, 0.56]
+    assert all(accuracy(kind, n)(m) == 1.0 for m in runs(mixed, "sigma") for kind in ("noise",) for n in (64, 128))
+    assert [round(mean(mixed, a, accuracy("noise", n)), 2) for a in ("standard", "gated") for n in (64, 128)] == [0.98, 0.8, 0.8, 0.46]
     caption = lambda m: m["caption_exact_match"]
-    assert [round(mean("irrelevant images", a, caption), 3) for a in ("sigma", "standard", "gated", "3 intra heads")] \
-        == [0.939, 0.961, 0.957, 0.893]
-    assert [round(mean("text only", a, blank(16)), 2) for a in ("standard", "gated", "sigma")] == [0.07, 0.16, 0.16]
+    assert [round(mean(mixed, a, caption), 3) for a in ("sigma", "standard", "gated")] == [0.967, 0.972, 0.972]
+    assert [round(mean(mixed, v, accuracy("blank", 64)), 2) for v in ("0 intra heads", "1 intra head", "sigma", "3 intra heads")] \
+        == [0.52, 0.84, 0.87, 0.97]
+    assert [round(mean(mixed, v, accuracy("blank", 64)), 2) for v in ("gates off", "stream bias off", "bias init 0")] == [0.79, 0.92, 0.83]
+    sigma_seeds = [accuracy("blank", 64)(m) for m in runs(mixed, "sigma")]
+    assert round(min(sigma_seeds), 2) == 0.65 and max(sigma_seeds) == 1.0
+    variants = [v for v in dilution.ABLATIONS if v != "sigma"]
+    assert [round(x, 2) for x in sorted(mean(mixed, v, accuracy("noise", 128)) for v in variants)][::len(variants) - 1] == [0.57, 0.96]
 
 
 def test_readme_claims_match_the_committed_run():

@@ -195,16 +195,21 @@ class GatedOutputProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, o, gate_weight, table, ids, out_weight = ctx.saved_tensors
+        # Each [B, S, D] temporary is freed as soon as it is used (del), so that at most four are alive at once.
         gate = torch.sigmoid(_gate_logits(x, gate_weight, table, ids))           # recomputed, not stored
         D = o.shape[-1]
         grad_y2 = grad_y.reshape(-1, D)                                          # [B*S, D]
         grad_out_weight = grad_y2.t().mm((o * gate).reshape(-1, D))
         grad_gated = grad_y2.mm(out_weight).view_as(o)
-        grad_logits = torch.ops.aten.sigmoid_backward(grad_gated * o, gate)       # [B, S, D]
-        grad_logits2 = grad_logits.reshape(-1, D)
+        grad_o = grad_gated * gate
+        grad_gate = grad_gated * o
+        del grad_gated
+        grad_logits = torch.ops.aten.sigmoid_backward(grad_gate, gate)           # [B, S, D]
+        del grad_gate, gate
         grad_table = None if table is None else \
             torch.ops.aten.embedding_dense_backward(grad_logits, ids, table.shape[0], -1, False)
-        return (grad_logits2.mm(gate_weight).view_as(x), grad_gated * gate, grad_logits2.t().mm(x.reshape(-1, D)),
+        grad_logits2 = grad_logits.reshape(-1, D)
+        return (grad_logits2.mm(gate_weight).view_as(x), grad_o, grad_logits2.t().mm(x.reshape(-1, D)),
                 grad_table, None, grad_out_weight)
 
 

@@ -173,59 +173,6 @@ def prepare_layout(modality_ids, x: torch.Tensor, valid=None) -> kernels.GroupLa
     return kernels.GroupLayout.of(ids, batch, seq_len, x.device, valid, name="modality_ids")
 
 
-class GatedOutputProjection(torch.autograd.Function):
-    """y = o_proj(sigmoid(x W_g^T + T[ids]) * o), the gated layers' last step, as one autograd step.
-
-    Why: autograd keeps the gate (the sigmoid's output) and the gated product for the backward pass, two
-    [B, S, D] activations per layer that standard attention does not have; at long sequences they are most of
-    the memory a gate costs. This Function keeps only x, o and the weights, which the layer keeps anyway, and
-    recomputes the gate in the backward pass (one [S, D] x [D, D] matmul). It runs the same ops as autograd,
-    so the numbers are the same to the bit (tests/test_attention.py).
-
-    x, o [B, S, D]; gate_weight [D, D]; table [M, D] (the stream bias per modality) or None; ids [B, S];
-    out_weight [D, D] (o_proj's).
-    """
-
-    @staticmethod
-    def forward(ctx, x, o, gate_weight, table, ids, out_weight):
-        gate = torch.sigmoid(_gate_logits(x, gate_weight, table, ids))
-        ctx.save_for_backward(x, o, gate_weight, table, ids, out_weight)
-        return F.linear(o * gate, out_weight)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, o, gate_weight, table, ids, out_weight = ctx.saved_tensors
-        # Each [B, S, D] temporary is freed as soon as it is used (del), so that at most four are alive at once.
-        gate = torch.sigmoid(_gate_logits(x, gate_weight, table, ids))           # recomputed, not stored
-        D = o.shape[-1]
-        grad_y2 = grad_y.reshape(-1, D)                                          # [B*S, D]
-        grad_out_weight = grad_y2.t().mm((o * gate).reshape(-1, D))
-        grad_gated = grad_y2.mm(out_weight).view_as(o)
-        grad_o = grad_gated * gate
-        grad_gate = grad_gated * o
-        del grad_gated
-        grad_logits = torch.ops.aten.sigmoid_backward(grad_gate, gate)           # [B, S, D]
-        del grad_gate, gate
-        grad_table = None if table is None else \
-            torch.ops.aten.embedding_dense_backward(grad_logits, ids, table.shape[0], -1, False)
-        grad_logits2 = grad_logits.reshape(-1, D)
-        return (grad_logits2.mm(gate_weight).view_as(x), grad_o, grad_logits2.t().mm(x.reshape(-1, D)),
-                grad_table, None, grad_out_weight)
-
-
-def _gate_logits(x, gate_weight, table, ids):
-    logits = F.linear(x, gate_weight)                                     # [B, S, D]
-    return logits if table is None else logits + F.embedding(ids, table)  # = table[ids], faster backward
-
-
-def gated_output(x, o, gate_weight, table, ids, out_weight) -> torch.Tensor:
-    """o_proj(sigmoid(x W_g^T + T[ids]) * o): GatedOutputProjection, or the same ops under autograd where
-    autocast is on (a custom Function would run its backward without it)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return F.linear(o * torch.sigmoid(_gate_logits(x, gate_weight, table, ids)), out_weight)
-    return GatedOutputProjection.apply(x, o, gate_weight, table, ids, out_weight)
-
-
 class _Attention(nn.Module):
     """The shared skeleton: q/k/v/o projections, input checks, the kernel call."""
 
@@ -327,7 +274,7 @@ class GatedAttention(_Attention):
         o, probs = self._attend(x, layout, return_details, cache)                   # [B, S, D]
         if not (return_details or self.config.headwise_gate):
             # = o_proj(sigmoid(gate_proj(x)) * o), without storing the gate for the backward pass
-            return gated_output(x, o, self.gate_proj.weight, None, layout.ids, self.o_proj.weight)
+            return kernels.gated_output(x, o, self.gate_proj.weight, None, layout.ids, self.o_proj.weight)
         gate = torch.sigmoid(self.gate_proj(x))                           # [B, S, D] or [B, S, H]
         if self.config.headwise_gate:
             B, S, H = gate.shape
@@ -403,7 +350,7 @@ class SigmaAttention(_Attention):
         lookup: at the tiny model's sizes every extra kernel call shows in the training step.
         """
         parameters = self.gate_parameters()
-        return None if parameters is None else torch.sigmoid(_gate_logits(x, *parameters, modality_ids))
+        return None if parameters is None else torch.sigmoid(kernels.gate_logits(x, *parameters, modality_ids))
 
     def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None, valid=None):
         layout = self._inputs(x, modality_ids, valid)
@@ -411,7 +358,7 @@ class SigmaAttention(_Attention):
         parameters = self.gate_parameters()
         if not return_details:
             # = o_proj(cat(g_intra*o_intra, g_global*o_global)), without storing the gates for the backward
-            return self.o_proj(o) if parameters is None else gated_output(x, o, *parameters, layout.ids, self.o_proj.weight)
+            return self.o_proj(o) if parameters is None else kernels.gated_output(x, o, *parameters, layout.ids, self.o_proj.weight)
         g = self.gates(x, layout.ids)                                     # [B, S, D] or None
         gated = o if g is None else o * g
         split = [self.config.intra_dim, self.config.global_dim]

@@ -17,7 +17,7 @@ FLOORS = [
     ["runtime", "testing"],
     ["masks"],
     ["kernels.layout"],
-    ["kernels.reference", "kernels.packed", "kernels.flex", "kernels.flash"],
+    ["kernels.reference", "kernels.packed", "kernels.flex", "kernels.flash", "kernels.gate"],
     ["kernels"],
     ["attention"],
     ["model"],

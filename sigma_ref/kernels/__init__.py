@@ -26,6 +26,9 @@ THE BACKENDS, from "easiest to read" to "fastest" (one file each):
 A `GroupLayout` (layout.py) carries the ids, the padding and everything derived from them; pass one in to
 share its masks and packing plan between calls (the model builds one per forward), or pass plain ids.
 
+Beside them, gate.py: the gated layers' last step (gate, product, o_proj) as one autograd Function that keeps
+no gate activation for the backward pass.
+
 Run `python -m sigma_ref demo kernels` to check every available backend against `math` on a random layout.
 """
 
@@ -35,6 +38,7 @@ import torch
 
 from ..masks import layout as parse_layout
 from . import flash, flex
+from .gate import GatedOutputProjection, gate_logits, gated_output
 from .layout import GroupLayout, Segments
 from .packed import causal_attention, packed_attention, sigma_packed_attention
 from .reference import dense_decode_attention, math_attention, sdpa_attention
@@ -178,5 +182,5 @@ def _demo() -> None:
             print(f"{backend:7s} not available here: {error}")
 
 
-__all__ = ["BACKENDS", "PACKED_MIN_LENGTH", "GroupLayout", "Segments", "grouped_causal_attention", "sigma_attention",
+__all__ = ["GatedOutputProjection", "gate_logits", "gated_output", "BACKENDS", "PACKED_MIN_LENGTH", "GroupLayout", "Segments", "grouped_causal_attention", "sigma_attention",
            "decode_attention", "resolve_backend", "flash_available", "as_layout"]

@@ -1,0 +1,68 @@
+"""The gated layers' last step, o_proj(sigmoid(x W_g^T + T[ids]) * o), without storing the gate.
+
+Gated Attention and SIGMA multiply each head's output by a gate computed from the layer input (plus, for
+SIGMA, the stream bias T looked up by modality), then apply o_proj. Under plain autograd the sigmoid's output
+and the gated product are kept for the backward pass: two [B, S, D] activations per layer that standard
+attention does not have. GatedOutputProjection keeps only what the layer keeps anyway and recomputes the gate
+in its backward pass. attention.py calls `gated_output`; tests/test_attention.py holds it to autograd's
+composition bit for bit and measures what it keeps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gate_logits(x, gate_weight, table, ids):
+    """x W_g^T + T[ids]: [B, S, D] gate logits (no bias table: x W_g^T)."""
+    logits = F.linear(x, gate_weight)                                     # [B, S, D]
+    return logits if table is None else logits + F.embedding(ids, table)  # = table[ids], faster backward
+
+
+class GatedOutputProjection(torch.autograd.Function):
+    """y = o_proj(sigmoid(x W_g^T + T[ids]) * o), the gated layers' last step, as one autograd step.
+
+    Why: autograd keeps the gate (the sigmoid's output) and the gated product for the backward pass, two
+    [B, S, D] activations per layer that standard attention does not have; at long sequences they are most of
+    the memory a gate costs. This Function keeps only x, o and the weights, which the layer keeps anyway, and
+    recomputes the gate in the backward pass (one [S, D] x [D, D] matmul). It runs the same ops as autograd,
+    so the numbers are the same to the bit (tests/test_attention.py).
+
+    x, o [B, S, D]; gate_weight [D, D]; table [M, D] (the stream bias per modality) or None; ids [B, S];
+    out_weight [D, D] (o_proj's).
+    """
+
+    @staticmethod
+    def forward(ctx, x, o, gate_weight, table, ids, out_weight):
+        gate = torch.sigmoid(gate_logits(x, gate_weight, table, ids))
+        ctx.save_for_backward(x, o, gate_weight, table, ids, out_weight)
+        return F.linear(o * gate, out_weight)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, o, gate_weight, table, ids, out_weight = ctx.saved_tensors
+        # Each [B, S, D] temporary is freed as soon as it is used (del), so that at most four are alive at once.
+        gate = torch.sigmoid(gate_logits(x, gate_weight, table, ids))           # recomputed, not stored
+        D = o.shape[-1]
+        grad_y2 = grad_y.reshape(-1, D)                                          # [B*S, D]
+        grad_out_weight = grad_y2.t().mm((o * gate).reshape(-1, D))
+        grad_gated = grad_y2.mm(out_weight).view_as(o)
+        grad_o = grad_gated * gate
+        grad_gate = grad_gated * o
+        del grad_gated
+        grad_logits = torch.ops.aten.sigmoid_backward(grad_gate, gate)           # [B, S, D]
+        del grad_gate, gate
+        grad_table = None if table is None else \
+            torch.ops.aten.embedding_dense_backward(grad_logits, ids, table.shape[0], -1, False)
+        grad_logits2 = grad_logits.reshape(-1, D)
+        return (grad_logits2.mm(gate_weight).view_as(x), grad_o, grad_logits2.t().mm(x.reshape(-1, D)),
+                grad_table, None, grad_out_weight)
+
+
+def gated_output(x, o, gate_weight, table, ids, out_weight) -> torch.Tensor:
+    """o_proj(sigmoid(x W_g^T + T[ids]) * o): GatedOutputProjection, or the same ops under autograd where
+    autocast is on (a custom Function would run its backward without it)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return F.linear(o * torch.sigmoid(gate_logits(x, gate_weight, table, ids)), out_weight)
+    return GatedOutputProjection.apply(x, o, gate_weight, table, ids, out_weight)

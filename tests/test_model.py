@@ -118,6 +118,18 @@ def test_muon_takes_the_blocks_weight_matrices_and_adamw_everything_else():
         T.Trainer("sigma", dataclasses.replace(TINY, optimizer="sgd"), seed=0, device="cpu")
 
 
+@pytest.mark.parametrize("encoder", ["linear", "conv"])
+def test_muon_scope_blocks_and_patch_adds_only_the_patch_projection(encoder):
+    recipe = dataclasses.replace(TINY, optimizer="muon", muon_scope="blocks+patch", muon_momentum=0.9, patch_encoder=encoder)
+    trainer = T.Trainer("sigma", recipe, seed=0, device="cpu")
+    adamw, muon = trainer.optimizers
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    names = dict(trainer.model.named_parameters())
+    moved = sorted(n for n, p in names.items() if id(p) in in_muon and not n.startswith("blocks."))
+    assert moved == ["patch_embedding.weight" if encoder == "linear" else "patch_embedding.4.weight"]
+    assert all(g["momentum"] == 0.9 for g in muon.param_groups)
+
+
 def test_float32_muon_follows_torch_muon_step_for_step():
     """sigma_ref.optim.Muon is torch.optim.Muon with the Newton-Schulz iteration in float32 instead of bfloat16:
     after several steps on the same gradients the weights agree to bfloat16's precision, and a plain
@@ -171,7 +183,10 @@ def test_an_unreachable_target_trains_the_whole_budget_and_checks_at_each_interv
 
 @pytest.mark.parametrize("field, value, expected", [("target_exact_match", 1.5, "between 0 and 1"),
                                                      ("target_every", 0, "int >= 1"),
-                                                     ("optimizer", "sgd", "one of")])
+                                                     ("optimizer", "sgd", "one of"),
+                                                     ("muon_scope", "everything", "one of"),
+                                                     ("muon_momentum", 1.0, r"in \[0, 1\)"),
+                                                     ("muon_momentum", True, r"in \[0, 1\)")])
 def test_train_config_rejects_bad_values(field, value, expected):
     with pytest.raises(ValueError, match=f"TrainConfig.{field}.*{expected}"):
         dataclasses.replace(TINY, **{field: value})

@@ -9,7 +9,7 @@ import json
 import sys
 
 from . import bench, course, data, dilution, experiments, gpucheck, kernels, masks, speedrun, train
-from .runtime import machine_description
+from .runtime import TRAINING_THREADS, machine_description, torch_threads
 
 
 def _bench(args) -> None:
@@ -66,8 +66,9 @@ def _sigma_parts(args) -> dict:
 def _train(args) -> None:
     config = dataclasses.replace(train.get_preset(args.preset), backend=args.backend,
                                  max_irrelevant_images=args.max_train_images)
-    metrics = experiments.train_and_evaluate(args.attention, args.preset, args.seed, args.out, resume=args.resume,
-                                             config=config, model_overrides=_sigma_parts(args))
+    with torch_threads(TRAINING_THREADS):               # the thread policy (runtime.py), as compare trains
+        metrics = experiments.train_and_evaluate(args.attention, args.preset, args.seed, args.out, resume=args.resume,
+                                                 config=config, model_overrides=_sigma_parts(args))
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("loss_curve", "gate_history")}, indent=2))
 
 

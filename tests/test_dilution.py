@@ -10,6 +10,7 @@ from sigma_ref import data as D
 from sigma_ref import dilution
 from sigma_ref import train as T
 from sigma_ref.masks import IMAGE
+from sigma_ref.runtime import TRAINING_THREADS
 
 TINY = T.TrainConfig(hidden_size=32, num_layers=2, num_heads=4, steps=6, batch_size=8, warmup_steps=2,
                      eval_every=3, eval_samples=8, checkpoint_every=3)
@@ -96,5 +97,6 @@ def test_sigma_parts_on_the_command_line(tmp_path, monkeypatch):
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["model_config"]["num_intra_heads"] == [3, 0] and written["model_config"]["use_stream_bias"] is False
     assert written["model_config"]["bias_init"] == [[0.0, 0.0], [-2.0, 0.0]] and written["config"]["max_irrelevant_images"] == 8
+    assert written["threads"] == TRAINING_THREADS                          # the thread policy, as compare trains
     with pytest.raises(SystemExit, match="--bias-init needs 4 numbers"):
         cli.main(["train", "--attention", "sigma", "--out", str(tmp_path / "x"), "--bias-init", "1,2"])

@@ -358,7 +358,9 @@ class SigmaAttention(_Attention):
         parameters = self.gate_parameters()
         if not return_details:
             # = o_proj(cat(g_intra*o_intra, g_global*o_global)), without storing the gates for the backward
-            return self.o_proj(o) if parameters is None else kernels.gated_output(x, o, *parameters, layout.ids, self.o_proj.weight)
+            if parameters is None:
+                return self.o_proj(o)
+            return kernels.gated_output(x, o, *parameters, layout.ids, self.o_proj.weight)
         g = self.gates(x, layout.ids)                                     # [B, S, D] or None
         gated = o if g is None else o * g
         split = [self.config.intra_dim, self.config.global_dim]

@@ -25,11 +25,14 @@ class GatedOutputProjection(torch.autograd.Function):
 
     Why: autograd keeps the gate (the sigmoid's output) and the gated product for the backward pass, two
     [B, S, D] activations per layer that standard attention does not have, and in a stack of layers they add
-    up. (One layer's peak is reached inside its own backward pass, where the gradient temporaries live, so
-    the single-layer benchmark does not show the saving.) This Function keeps only x, o and the weights, which
-    the layer keeps anyway, and
-    recomputes the gate in the backward pass (one [S, D] x [D, D] matmul). It runs the same ops as autograd,
-    so the numbers are the same to the bit (tests/test_attention.py).
+    up. This Function keeps only x, o and the weights, which the layer keeps anyway, and recomputes the gate
+    in the backward pass (one [S, D] x [D, D] matmul). It runs the same ops as autograd, so the numbers are
+    the same to the bit (tests/test_attention.py).
+
+    What it cannot save: one layer's peak memory is reached later, inside the attention kernel's backward
+    pass, and at that moment the gate's share of x's gradient (one [B, S, D] tensor) is already computed and
+    waits for the q, k and v projections' shares to be added to it. Computing this backward in blocks of rows
+    (tried) leaves that peak where it is; only a backward that also owns the q/k/v projections could.
 
     x, o [B, S, D]; gate_weight [D, D]; table [M, D] (the stream bias per modality) or None; ids [B, S];
     out_weight [D, D] (o_proj's).

@@ -355,9 +355,9 @@ class SigmaAttention(_Attention):
     def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None, valid=None):
         layout = self._inputs(x, modality_ids, valid)
         o, probs = self._attend(x, layout, return_details, cache)            # [B, S, D], intra heads first
-        parameters = self.gate_parameters()
         if not return_details:
             # = o_proj(cat(g_intra*o_intra, g_global*o_global)), without storing the gates for the backward
+            parameters = self.gate_parameters()
             if parameters is None:
                 return self.o_proj(o)
             return kernels.gated_output(x, o, *parameters, layout.ids, self.o_proj.weight)

@@ -182,5 +182,6 @@ def _demo() -> None:
             print(f"{backend:7s} not available here: {error}")
 
 
-__all__ = ["GatedOutputProjection", "gate_logits", "gated_output", "BACKENDS", "PACKED_MIN_LENGTH", "GroupLayout", "Segments", "grouped_causal_attention", "sigma_attention",
-           "decode_attention", "resolve_backend", "flash_available", "as_layout"]
+__all__ = ["BACKENDS", "PACKED_MIN_LENGTH", "GroupLayout", "Segments", "grouped_causal_attention", "sigma_attention",
+           "decode_attention", "resolve_backend", "flash_available", "as_layout",
+           "GatedOutputProjection", "gate_logits", "gated_output"]

@@ -32,10 +32,14 @@ def orthogonalise(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
     a, b, c = NEWTON_SCHULZ
     tall = update.shape[-2] > update.shape[-1]
     x = update.mT if tall else update                                      # iterate on the smaller Gram matrix
+    shape = x.shape
+    x = x.reshape(-1, *shape[-2:])                                         # [n, A, B], A <= B
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)              # spectral norm <= 1
     for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        gram = x @ x.mT                                                    # [n, A, A]
+        # x <- a x + (b gram + c gram^2) x, each product with its sum as one fused multiply-add (baddbmm)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x.reshape(shape)
     return x.mT if tall else x
 
 

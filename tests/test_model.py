@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sigma_ref as sr
 from sigma_ref import data as D
@@ -100,6 +102,29 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
         trainer.run(progress=False)
     after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(saved[k], after[k]) for k in saved)
+
+
+@settings(max_examples=20, deadline=None)
+@given(encoder=st.sampled_from(["linear", "conv"]), background=st.lists(st.booleans(), max_size=12))
+def test_background_patches_are_encoded_once_with_the_same_values_and_gradients(encoder, background):
+    """encode_patches runs the encoder on the patches with content and one zero patch, and shares that one's
+    output among all background patches: the same function as encoding every patch, gradients included."""
+    torch.manual_seed(len(background))
+    model = TinyMLLM(ModelConfig(attention="sigma", hidden_size=32, num_layers=1, num_heads=4, patch_encoder=encoder,
+                                 **D.model_fields()))
+    patches = torch.rand(len(background), D.PATCH_DIM)
+    patches[torch.tensor(background, dtype=torch.bool)] = 0                           # [N, 192], some all zero
+    grad_out = torch.randn(len(background), 32)
+    shared, every = model.encode_patches(patches), model.patch_embedding(patches)
+    assert shared.shape == every.shape == (len(background), 32)
+    torch.testing.assert_close(shared, every, rtol=0, atol=1e-6)
+    params = list(model.patch_embedding.parameters())
+    for got, expected in zip(torch.autograd.grad(shared, params, grad_out, allow_unused=True),
+                             torch.autograd.grad(every, params, grad_out, allow_unused=True)):
+        if expected is None:                                                            # no patches at all
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_muon_takes_the_blocks_weight_matrices_and_adamw_everything_else():

@@ -40,6 +40,8 @@ LADDER = [
     ("20 warm-up steps (not 50)", dict(warmup_steps=20)),
     ("Muon also for the patch projection", dict(muon_scope="blocks+patch")),
     ("Muon momentum 0.9 (not 0.95)", dict(muon_momentum=0.9)),
+    ("10% text-only samples (not 25%)", dict(text_only_fraction=0.1)),
+    ("600-step schedule (not 800)", dict(steps=600)),
 ]
 
 

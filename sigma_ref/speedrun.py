@@ -123,15 +123,21 @@ def _busy(seconds: float) -> None:
         pass
 
 
-def thread_table(preset: str = "cpu", repeats: int = 30, progress: bool = True) -> Table:
-    """Median training-step time with 1 and 2 torch threads, with the other core idle and then busy."""
+def thread_table(preset: str = "cpu", repeats: int = 30, rounds: int = 3, progress: bool = True) -> Table:
+    """Median training-step time with 1 and 2 torch threads, with the other core idle and then busy.
+
+    The loads alternate for `rounds` rounds (idle, busy, idle, busy, ...), `repeats // rounds` steps per
+    thread count each time, and every figure is the median over the rounds: on a shared machine a neighbour's
+    load comes and goes, and one block per load would hand a slow minute to whichever load it fell on.
+    """
     config = get_preset(preset)
     batch = DataStream(config.batch_size, 0, config.text_only_fraction).next()
     trainer = Trainer("sigma", config, 0, device="cpu")
     table = Table(f"Training step (SIGMA, preset {preset}) by torch threads, median ms; 'busy': another process "
                   "spins on one core", ["threads", "other core", "step ms", "ratio to 1 thread, idle"])
-    measured = {}
-    for load in tqdm(("idle", "busy"), desc="threads", disable=not progress):
+    measured = {(threads, load): [] for load in ("idle", "busy") for threads in (1, 2)}
+    for _, load in tqdm([(r, load) for r in range(rounds) for load in ("idle", "busy")], desc="threads",
+                        disable=not progress):
         spinner = None
         if load == "busy":
             spinner = multiprocessing.get_context("spawn").Process(target=_busy, args=(3600,), daemon=True)
@@ -140,11 +146,13 @@ def thread_table(preset: str = "cpu", repeats: int = 30, progress: bool = True) 
             for threads in (1, 2):
                 with torch_threads(threads):
                     step = lambda: trainer.train_step(batch)
-                    measured[threads, load] = interleaved_medians({"step": step}, repeats, warmup=3)["step"]
+                    median = interleaved_medians({"step": step}, max(1, repeats // rounds), warmup=3)["step"]
+                    measured[threads, load].append(median)
         finally:
             if spinner is not None:
                 spinner.terminate()
                 spinner.join()
-    for (threads, load), seconds in measured.items():
-        table.rows.append([threads, load, seconds * 1e3, seconds / measured[1, "idle"]])
+    seconds = {key: statistics.median(values) for key, values in measured.items()}
+    for (threads, load), value in seconds.items():
+        table.rows.append([threads, load, value * 1e3, value / seconds[1, "idle"]])
     return table

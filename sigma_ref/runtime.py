@@ -35,8 +35,8 @@ def fast_mode() -> bool:
 
 
 # THREAD POLICY. A training process uses one thread, and several models train side by side in separate
-# processes, one per core (experiments.ensure_trained). Why: the course's models are small, so a second thread
-# buys little (speedrun.thread_table measures it), while torch's threads spin-wait for each other and collapse
+# processes, one per core (experiments.ensure_trained). Why: a second thread helps only while the other core is
+# idle (speedrun.thread_table measures it), while torch's threads spin-wait for each other and collapse
 # when another program takes a core: on a busy 2-core machine a step took 40x longer with 2 threads than with 1.
 # One thread per process never waits for a thread that is not running, and two processes use both cores.
 TRAINING_THREADS = 1

@@ -136,8 +136,7 @@ def thread_table(preset: str = "cpu", repeats: int = 30, rounds: int = 3, progre
     table = Table(f"Training step (SIGMA, preset {preset}) by torch threads, median ms; 'busy': another process "
                   "spins on one core", ["threads", "other core", "step ms", "ratio to 1 thread, idle"])
     measured = {(threads, load): [] for load in ("idle", "busy") for threads in (1, 2)}
-    for _, load in tqdm([(r, load) for r in range(rounds) for load in ("idle", "busy")], desc="threads",
-                        disable=not progress):
+    for load in tqdm([load for _ in range(rounds) for load in ("idle", "busy")], desc="threads", disable=not progress):
         spinner = None
         if load == "busy":
             spinner = multiprocessing.get_context("spawn").Process(target=_busy, args=(3600,), daemon=True)

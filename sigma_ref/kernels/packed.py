@@ -15,7 +15,7 @@ of ordinary ops, autograd would keep the gathered copies of q, k, v alive until 
 gradients with an accumulating index_put into zero-filled tensors, and join the two streams with a cat in each
 direction. The Function instead
 - saves only q, k, v (the caller's own tensors), the output it returns, the log-sum-exps and the packing
-  plan (two index grids), so nothing packed outlives the forward;
+  plan (two index vectors), so nothing packed outlives the forward;
 - writes both streams straight into one [B, S, H, d] output (the layout the attention modules reshape to
   [B, S, D] for free), so there is no cat;
 - in the backward, re-gathers a few heads at a time, runs the flash backward on them and writes their
@@ -44,22 +44,27 @@ _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attenti
 
 @dataclass
 class PackPlan:
-    """Index grids that move tokens between [B, S] and the padded [num_segments, L] segment grid.
+    """Flat index vectors that move tokens between [B, S] and the padded [num_segments, L] segment grid.
 
-    rows, positions: [num_segments, L] the token (row, position) that fills each slot. Slots past a segment's
-                     end hold token (0, 0): harmless, because they sit at the END of their segment and causal
-                     attention never lets a real query see a key to its right; their outputs are never read,
-                     and `slot_is_real` keeps any gradient from flowing out of them.
-    slot_is_real:    [num_segments, L, 1, 1] bool: True for a real token's slot; None when every slot is real.
-    segment, rank:   [B, S] each token's slot (padding tokens point at slot (0, 0) and are zeroed afterwards).
-    valid:           [B, S, 1, 1] bool: True for a real token; None without padding.
+    Both directions are one `index_select` along a flattened token axis (b * S + i, or segment * L + rank):
+    on CPU that copies whole [h, d] rows, three to four times faster than indexing [B, S] with a (row,
+    position) pair of grids.
+
+    source:        [num_segments * L] the flat token (b * S + i) that fills each slot. Slots past a segment's
+                   end hold token 0: harmless, because they sit at the END of their segment and causal
+                   attention never lets a real query see a key to its right; their outputs are never read,
+                   and `slot_is_real` keeps any gradient from flowing out of them.
+    slot:          [B * S] each token's flat slot (segment * L + rank); padding tokens point at slot 0 and
+                   are zeroed afterwards.
+    shape:         (num_segments, L).
+    slot_is_real:  [num_segments, L, 1, 1] bool: True for a real token's slot; None when every slot is real.
+    valid:         [B, S, 1, 1] bool: True for a real token; None without padding.
     """
 
-    rows: torch.Tensor
-    positions: torch.Tensor
+    source: torch.Tensor
+    slot: torch.Tensor
+    shape: tuple[int, int]
     slot_is_real: torch.Tensor | None
-    segment: torch.Tensor
-    rank: torch.Tensor
     valid: torch.Tensor | None
 
 
@@ -67,29 +72,31 @@ def pack_plan(layout: GroupLayout) -> PackPlan:
     """The layout's PackPlan, computed once per layout (every layer of a forward shares it)."""
     def build():
         seg = layout.segments()
-        num_segments, seq_len = seg.lengths.numel(), layout.seq_len
-        slot = seg.segment.reshape(-1)[seg.order] * seg.max_len + seg.rank.reshape(-1)[seg.order]   # [N_valid]
+        num_segments = seg.lengths.numel()
+        token_slot = (seg.segment * seg.max_len + seg.rank).reshape(-1)                          # [B*S]
         source = torch.zeros(num_segments * seg.max_len, dtype=torch.long, device=layout.ids.device)
-        source[slot] = seg.order
+        source[token_slot[seg.order]] = seg.order
         real = torch.zeros(num_segments * seg.max_len, dtype=torch.bool, device=layout.ids.device)
-        real[slot] = True
+        real[token_slot[seg.order]] = True
         slot_is_real = None if bool(real.all()) else real.view(num_segments, seg.max_len, 1, 1)
         valid = None if layout.valid is None else layout.valid[:, :, None, None]
-        return PackPlan((source // seq_len).view(num_segments, seg.max_len),
-                        (source % seq_len).view(num_segments, seg.max_len), slot_is_real, seg.segment, seg.rank,
-                        valid)
+        return PackPlan(source, token_slot, (num_segments, seg.max_len), slot_is_real, valid)
     return layout.memo("pack_plan", build)
 
 
 def _pack(t: torch.Tensor, plan: PackPlan) -> torch.Tensor:
-    """[B, h, S, d] -> [num_segments, h, L, d]: one advanced-indexing gather straight from the strided input
-    (t[rows, :, positions] is [seg, L, h, d], indexed dims first; the transpose is a view)."""
-    return t[plan.rows, :, plan.positions].transpose(1, 2)
+    """[B, h, S, d] -> [num_segments, h, L, d]: one row gather along the flattened tokens (a view of a
+    [B, S, h, d]-strided input flattens for free; the transposes are views)."""
+    batch, heads, seq_len, dim = t.shape
+    flat = t.transpose(1, 2).reshape(batch * seq_len, heads, dim)                 # [B*S, h, d]
+    return flat.index_select(0, plan.source).view(*plan.shape, heads, dim).transpose(1, 2)
 
 
-def _unpack(packed: torch.Tensor, plan: PackPlan) -> torch.Tensor:
+def _unpack(packed: torch.Tensor, plan: PackPlan, batch: int, seq_len: int) -> torch.Tensor:
     """[num_segments, h, L, d] -> [B, S, h, d], each token read from its slot."""
-    return packed.transpose(1, 2)[plan.segment, plan.rank]
+    _, heads, _, dim = packed.shape
+    flat = packed.transpose(1, 2).reshape(-1, heads, dim)                         # [seg*L, h, d]
+    return flat.index_select(0, plan.slot).view(batch, seq_len, heads, dim)
 
 
 def _zero_padding_(t: torch.Tensor, plan: PackPlan) -> torch.Tensor:
@@ -110,15 +117,17 @@ class SigmaPackedFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: PackPlan, num_intra_heads: int):
         batch, heads, seq_len, dim = q.shape
         h = num_intra_heads
-        out = q.new_zeros(batch, seq_len, heads, dim)                          # [B, S, H, d]
+        # Every entry is written below (padding last, by _zero_padding_), unless there is no segment at all.
+        fresh = q.new_empty if plan.source.numel() else q.new_zeros
+        out = fresh(batch, seq_len, heads, dim)                                # [B, S, H, d]
         lse_intra = lse_global = None
         if h < heads:                                                          # global heads: causal, in place
             o, lse_global = _FLASH_CPU(q[:, h:], k[:, h:], v[:, h:], 0.0, True)      # [B, H-h, S, d]
             out[:, :, h:] = o.transpose(1, 2)
             del o
-        if h > 0 and plan.rows.numel():                                        # intra heads: packed
+        if h > 0 and plan.source.numel():                                        # intra heads: packed
             o, lse_intra = _FLASH_CPU(*(_pack(t[:, :h], plan) for t in (q, k, v)), 0.0, True)  # [seg, h, L, d]
-            out[:, :, :h] = _unpack(o, plan)
+            out[:, :, :h] = _unpack(o, plan, batch, seq_len)
             del o
         _zero_padding_(out, plan)
         ctx.plan, ctx.num_intra_heads = plan, h
@@ -133,7 +142,8 @@ class SigmaPackedFunction(torch.autograd.Function):
         out = out.transpose(1, 2)                                              # [B, H, S, d] view
         if plan.valid is not None:                # padding's outputs are constants: no gradient flows from them
             grad_out = grad_out.masked_fill(~plan.valid.transpose(1, 2), 0)
-        grads = [q.new_zeros(batch, seq_len, heads, dim) for _ in range(3)]    # dq, dk, dv as [B, S, H, d]
+        fresh = q.new_empty if plan.source.numel() else q.new_zeros            # as in the forward
+        grads = [fresh(batch, seq_len, heads, dim) for _ in range(3)]          # dq, dk, dv as [B, S, H, d]
         # A few heads per call: enough work units to keep every thread busy, while the temporaries (the
         # gathered inputs and the op's own gradients) stay a few heads' worth.
         threads = torch.get_num_threads()
@@ -143,7 +153,7 @@ class SigmaPackedFunction(torch.autograd.Function):
             for full, part in zip(grads, parts):
                 full[:, :, a:b] = part.transpose(1, 2)
             del parts
-        num_segments = plan.rows.shape[0]
+        num_segments = plan.shape[0]
         for a, b in _head_chunks(0, h if num_segments else 0, max(1, -(-threads // max(1, num_segments)))):
             packed_grad_out = _pack(grad_out[:, a:b], plan)
             if plan.slot_is_real is not None:      # a filler slot's query must not send gradient to real keys
@@ -151,7 +161,7 @@ class SigmaPackedFunction(torch.autograd.Function):
             parts = _FLASH_CPU_BACKWARD(packed_grad_out, *(_pack(t[:, a:b], plan) for t in (q, k, v, out)),
                                         lse_intra[:, a:b], 0.0, True)
             for full, part in zip(grads, parts):
-                full[:, :, a:b] = _unpack(part, plan)
+                full[:, :, a:b] = _unpack(part, plan, batch, seq_len)
             del parts, packed_grad_out
         return (*(_zero_padding_(g, plan).transpose(1, 2) for g in grads), None, None)
 
@@ -171,7 +181,7 @@ def sigma_packed_attention(q, k, v, layout: GroupLayout, num_intra_heads: int):
     # The same plan as a composition of differentiable ops (CUDA tensors): autograd keeps the gathered copies.
     h, heads = num_intra_heads, q.shape[1]
     packed = F.scaled_dot_product_attention(*(_pack(t[:, :h], plan) for t in (q, k, v)), is_causal=True)
-    streams = [_unpack(packed, plan)]                                          # [B, S, h, d]
+    streams = [_unpack(packed, plan, q.shape[0], q.shape[2])]                                          # [B, S, h, d]
     if h < heads:
         streams.append(F.scaled_dot_product_attention(q[:, h:], k[:, h:], v[:, h:], is_causal=True).transpose(1, 2))
     out = torch.cat(streams, dim=2) if len(streams) > 1 else streams[0]

@@ -42,6 +42,8 @@ LADDER = [
     ("Muon momentum 0.9 (not 0.95)", dict(muon_momentum=0.9)),
     ("10% text-only samples (not 25%)", dict(text_only_fraction=0.1)),
     ("600-step schedule (not 800)", dict(steps=600)),
+    ("MLP as wide as the model (not 4x), all three attentions", dict(mlp_ratio=1)),
+    ("lr 1e-2 (not 6e-3)", dict(lr=1e-2)),
 ]
 
 

@@ -123,6 +123,13 @@ def test_background_patches_are_encoded_once_with_the_same_values_and_gradients(
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)            # zeros when there are no patches
 
 
+def test_the_recipe_sets_the_mlp_width():
+    for ratio in (1, 4):
+        model = T.Trainer("sigma", dataclasses.replace(TINY, mlp_ratio=ratio), seed=0, device="cpu").model
+        assert model.config.mlp_ratio == ratio
+        assert all(block.mlp[0].out_features == ratio * TINY.hidden_size for block in model.blocks)
+
+
 def test_muon_takes_the_blocks_weight_matrices_and_adamw_everything_else():
     trainer = T.Trainer("sigma", dataclasses.replace(TINY, optimizer="muon"), seed=0, device="cpu")
     adamw, muon = trainer.optimizers
@@ -204,6 +211,7 @@ def test_an_unreachable_target_trains_the_whole_budget_and_checks_at_each_interv
 
 @pytest.mark.parametrize("field, value, expected", [("target_exact_match", 1.5, "between 0 and 1"),
                                                      ("target_every", 0, "int >= 1"),
+                                                     ("mlp_ratio", 0, "int >= 1"),
                                                      ("optimizer", "sgd", "one of"),
                                                      ("muon_scope", "everything", "one of"),
                                                      ("muon_momentum", 1.0, r"in \[0, 1\)"),

@@ -56,14 +56,16 @@ class PackPlan:
                    and `slot_is_real` keeps any gradient from flowing out of them.
     slot:          [B * S] each token's flat slot (segment * L + rank); padding tokens point at slot 0 and
                    are zeroed afterwards.
-    shape:         (num_segments, L).
+    segments:      (num_segments, L), the segment grid's shape.
+    tokens:        (B, S), the batch's shape.
     slot_is_real:  [num_segments, L, 1, 1] bool: True for a real token's slot; None when every slot is real.
     valid:         [B, S, 1, 1] bool: True for a real token; None without padding.
     """
 
     source: torch.Tensor
     slot: torch.Tensor
-    shape: tuple[int, int]
+    segments: tuple[int, int]
+    tokens: tuple[int, int]
     slot_is_real: torch.Tensor | None
     valid: torch.Tensor | None
 
@@ -74,13 +76,15 @@ def pack_plan(layout: GroupLayout) -> PackPlan:
         seg = layout.segments()
         num_segments = seg.lengths.numel()
         token_slot = (seg.segment * seg.max_len + seg.rank).reshape(-1)                          # [B*S]
+        filled = token_slot[seg.order]                                                          # [N_valid]
         source = torch.zeros(num_segments * seg.max_len, dtype=torch.long, device=layout.ids.device)
-        source[token_slot[seg.order]] = seg.order
+        source[filled] = seg.order
         real = torch.zeros(num_segments * seg.max_len, dtype=torch.bool, device=layout.ids.device)
-        real[token_slot[seg.order]] = True
+        real[filled] = True
         slot_is_real = None if bool(real.all()) else real.view(num_segments, seg.max_len, 1, 1)
         valid = None if layout.valid is None else layout.valid[:, :, None, None]
-        return PackPlan(source, token_slot, (num_segments, seg.max_len), slot_is_real, valid)
+        return PackPlan(source, token_slot, (num_segments, seg.max_len), (layout.batch, layout.seq_len),
+                        slot_is_real, valid)
     return layout.memo("pack_plan", build)
 
 
@@ -89,14 +93,14 @@ def _pack(t: torch.Tensor, plan: PackPlan) -> torch.Tensor:
     [B, S, h, d]-strided input flattens for free; the transposes are views)."""
     batch, heads, seq_len, dim = t.shape
     flat = t.transpose(1, 2).reshape(batch * seq_len, heads, dim)                 # [B*S, h, d]
-    return flat.index_select(0, plan.source).view(*plan.shape, heads, dim).transpose(1, 2)
+    return flat.index_select(0, plan.source).view(*plan.segments, heads, dim).transpose(1, 2)
 
 
-def _unpack(packed: torch.Tensor, plan: PackPlan, batch: int, seq_len: int) -> torch.Tensor:
+def _unpack(packed: torch.Tensor, plan: PackPlan) -> torch.Tensor:
     """[num_segments, h, L, d] -> [B, S, h, d], each token read from its slot."""
     _, heads, _, dim = packed.shape
     flat = packed.transpose(1, 2).reshape(-1, heads, dim)                         # [seg*L, h, d]
-    return flat.index_select(0, plan.slot).view(batch, seq_len, heads, dim)
+    return flat.index_select(0, plan.slot).view(*plan.tokens, heads, dim)
 
 
 def _zero_padding_(t: torch.Tensor, plan: PackPlan) -> torch.Tensor:
@@ -125,9 +129,9 @@ class SigmaPackedFunction(torch.autograd.Function):
             o, lse_global = _FLASH_CPU(q[:, h:], k[:, h:], v[:, h:], 0.0, True)      # [B, H-h, S, d]
             out[:, :, h:] = o.transpose(1, 2)
             del o
-        if h > 0 and plan.source.numel():                                        # intra heads: packed
+        if h > 0 and plan.source.numel():                                      # intra heads: packed
             o, lse_intra = _FLASH_CPU(*(_pack(t[:, :h], plan) for t in (q, k, v)), 0.0, True)  # [seg, h, L, d]
-            out[:, :, :h] = _unpack(o, plan, batch, seq_len)
+            out[:, :, :h] = _unpack(o, plan)
             del o
         _zero_padding_(out, plan)
         ctx.plan, ctx.num_intra_heads = plan, h
@@ -153,7 +157,7 @@ class SigmaPackedFunction(torch.autograd.Function):
             for full, part in zip(grads, parts):
                 full[:, :, a:b] = part.transpose(1, 2)
             del parts
-        num_segments = plan.shape[0]
+        num_segments = plan.segments[0]
         for a, b in _head_chunks(0, h if num_segments else 0, max(1, -(-threads // max(1, num_segments)))):
             packed_grad_out = _pack(grad_out[:, a:b], plan)
             if plan.slot_is_real is not None:      # a filler slot's query must not send gradient to real keys
@@ -161,7 +165,7 @@ class SigmaPackedFunction(torch.autograd.Function):
             parts = _FLASH_CPU_BACKWARD(packed_grad_out, *(_pack(t[:, a:b], plan) for t in (q, k, v, out)),
                                         lse_intra[:, a:b], 0.0, True)
             for full, part in zip(grads, parts):
-                full[:, :, a:b] = _unpack(part, plan, batch, seq_len)
+                full[:, :, a:b] = _unpack(part, plan)
             del parts, packed_grad_out
         return (*(_zero_padding_(g, plan).transpose(1, 2) for g in grads), None, None)
 
@@ -181,7 +185,7 @@ def sigma_packed_attention(q, k, v, layout: GroupLayout, num_intra_heads: int):
     # The same plan as a composition of differentiable ops (CUDA tensors): autograd keeps the gathered copies.
     h, heads = num_intra_heads, q.shape[1]
     packed = F.scaled_dot_product_attention(*(_pack(t[:, :h], plan) for t in (q, k, v)), is_causal=True)
-    streams = [_unpack(packed, plan, q.shape[0], q.shape[2])]                                          # [B, S, h, d]
+    streams = [_unpack(packed, plan)]                                          # [B, S, h, d]
     if h < heads:
         streams.append(F.scaled_dot_product_attention(q[:, h:], k[:, h:], v[:, h:], is_causal=True).transpose(1, 2))
     out = torch.cat(streams, dim=2) if len(streams) > 1 else streams[0]

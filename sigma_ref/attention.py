@@ -236,6 +236,13 @@ class _Attention(nn.Module):
         B, H, S, d = out.shape
         return out.transpose(1, 2).reshape(B, S, H * d), probs
 
+    def _whole_layer(self, x, layout: kernels.GroupLayout, cache, gate_weight, table):
+        """y for a gated layer as ONE autograd step where the backend allows it (the CPU packed path without a
+        cache, whose backward then peaks no higher than standard attention's: kernels/layer.py); else None."""
+        return None if cache is not None else kernels.gated_attention_layer(
+            x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, gate_weight, table, self.o_proj.weight,
+            layout, self.config.num_heads, self.num_intra_heads, backend=self.config.backend)
+
     def _finish(self, gated, o_intra, o_global, g_intra, g_global, probs, return_details):
         y = self.o_proj(gated)
         if not return_details:
@@ -271,8 +278,12 @@ class GatedAttention(_Attention):
 
     def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None, valid=None):
         layout = self._inputs(x, modality_ids, valid)
+        plain = not (return_details or self.config.headwise_gate)
+        y = self._whole_layer(x, layout, cache, self.gate_proj.weight, None) if plain else None
+        if y is not None:
+            return y
         o, probs = self._attend(x, layout, return_details, cache)                   # [B, S, D]
-        if not (return_details or self.config.headwise_gate):
+        if plain:
             # = o_proj(sigmoid(gate_proj(x)) * o), without storing the gate for the backward pass
             return kernels.gated_output(x, o, self.gate_proj.weight, None, layout.ids, self.o_proj.weight)
         gate = torch.sigmoid(self.gate_proj(x))                           # [B, S, D] or [B, S, H]
@@ -354,12 +365,15 @@ class SigmaAttention(_Attention):
 
     def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None, valid=None):
         layout = self._inputs(x, modality_ids, valid)
+        parameters = None if return_details else self.gate_parameters()
+        y = None if parameters is None else self._whole_layer(x, layout, cache, *parameters)
+        if y is not None:
+            return y
         o, probs = self._attend(x, layout, return_details, cache)            # [B, S, D], intra heads first
         if not return_details:
-            # = o_proj(cat(g_intra*o_intra, g_global*o_global)), without storing the gates for the backward
-            parameters = self.gate_parameters()
-            if parameters is None:
+            if parameters is None:                                        # the gates are off
                 return self.o_proj(o)
+            # = o_proj(cat(g_intra*o_intra, g_global*o_global)), without storing the gates for the backward
             return kernels.gated_output(x, o, *parameters, layout.ids, self.o_proj.weight)
         g = self.gates(x, layout.ids)                                     # [B, S, D] or None
         gated = o if g is None else o * g

@@ -18,6 +18,7 @@ FLOORS = [
     ["masks"],
     ["kernels.layout"],
     ["kernels.reference", "kernels.packed", "kernels.flex", "kernels.flash", "kernels.gate"],
+    ["kernels.layer"],                 # one gated layer on the packed path: packed + gate
     ["kernels"],
     ["attention"],
     ["model"],

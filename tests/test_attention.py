@@ -229,9 +229,10 @@ def test_fused_gates_equal_the_per_stream_definition(ids, split, bias):
 @given(modality_rows(max_len=24), st.integers(0, H), st.booleans(), st.booleans(), st.sampled_from(["gated", "sigma"]))
 def test_gated_output_projection_is_autograd_to_the_bit(ids, split, gates, bias, kind):
     """The forward pass without details runs GatedOutputProjection (the gate recomputed in the backward pass);
-    with details it runs the same ops under autograd. Values and gradients are equal to the bit."""
+    with details it runs the same ops under autograd. Values and gradients are equal to the bit. (backend
+    "sdpa": on "packed" the whole layer is one Function instead, tested below.)"""
     overrides = dict(num_intra_heads=split, use_gates=gates, use_stream_bias=bias) if kind == "sigma" else {}
-    layer = make(kind, backend="packed", **overrides)
+    layer = make(kind, backend="sdpa", **overrides)
     if kind == "sigma" and layer.stream_bias is not None:
         with torch.no_grad():
             layer.stream_bias.normal_(generator=torch.Generator().manual_seed(2))
@@ -242,6 +243,49 @@ def test_gated_output_projection_is_autograd_to_the_bit(ids, split, gates, bias,
     grads_autograd = torch.autograd.grad(y_autograd.square().sum(), [x, *layer.parameters()])
     assert torch.equal(y, y_autograd)
     assert all(torch.equal(g, g_autograd) for g, g_autograd in zip(grads, grads_autograd))
+
+
+@given(modality_rows(max_len=40), st.integers(0, H), st.booleans(), st.sampled_from(["gated", "sigma"]), st.data())
+def test_whole_gated_layer_on_the_packed_path_equals_the_composition(ids, split, bias, kind, data):
+    """On the CPU packed path a gated layer runs as ONE Function (kernels.GatedPackedLayer); with details it
+    runs as the composition of the kernel, the gate and o_proj under autograd. Same values and gradients, for
+    every split, with and without the stream bias, with right padding and any number of threads (the backward
+    folds head chunks whose size follows the threads)."""
+    overrides = dict(num_intra_heads=split, use_stream_bias=bias) if kind == "sigma" else {}
+    layer = make(kind, backend="packed", **overrides)
+    if kind == "sigma" and layer.stream_bias is not None:
+        with torch.no_grad():
+            layer.stream_bias.normal_(generator=torch.Generator().manual_seed(2))
+    batch, seq_len = ids.shape
+    lengths = data.draw(st.lists(st.integers(0, seq_len), min_size=batch, max_size=batch), label="lengths")
+    valid = torch.arange(seq_len)[None] < torch.tensor(lengths)[:, None]
+    x = inputs(ids).requires_grad_()
+    with sr.runtime.torch_threads(data.draw(st.integers(1, 3), label="threads")):
+        y = layer(x, ids, valid=valid)
+        assert type(y.grad_fn).__name__ == "GatedPackedLayerBackward"      # the whole-layer path did run
+        y_composed = layer(x, ids, return_details=True, valid=valid)[0]
+        grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+        grads_composed = torch.autograd.grad(y_composed.square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(y, y_composed, atol=1e-6, rtol=1e-6)
+    assert (y[~valid] == 0).all()
+    for g, g_composed in zip(grads, grads_composed):
+        torch.testing.assert_close(g, g_composed, atol=1e-5, rtol=1e-5)
+
+
+def test_whole_gated_layer_only_where_its_kernel_runs():
+    """Elsewhere the layers compose as before: the sdpa backend, decoding with a cache, autocast, no gates."""
+    ids = sr.layout("T3 I5 T4")
+    x = inputs(ids[None])
+    assert grad_fn_name(make("sigma", backend="sdpa")(x, ids)) == "GatedOutputProjectionBackward"
+    assert grad_fn_name(make("sigma", backend="packed", use_gates=False)(x, ids)) != "GatedPackedLayerBackward"
+    assert grad_fn_name(make("sigma", backend="packed")(x, ids, cache=sr.attention.KVCache())) == \
+        "GatedOutputProjectionBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert grad_fn_name(make("gated", backend="packed")(x, ids)) != "GatedPackedLayerBackward"
+
+
+def grad_fn_name(y) -> str:
+    return type(y.grad_fn).__name__
 
 
 def saved_activation_bytes(layer, x, ids) -> int:

@@ -203,6 +203,18 @@ def test_dense_mask_reuse_never_serves_a_stale_mask():
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu autograd Function", "composition (CUDA's path)"])
+def test_packed_path_with_every_token_padding(fused):
+    """A batch that is all padding has no segment to pack: zeros out and zero gradients (the composition
+    once raised an index_select error here)."""
+    ids = torch.tensor([[0, 1, 1]])
+    q, k, v = random_qkv(ids, heads=3, requires_grad=True)
+    with mock.patch.object(kernels.packed, "fused_supported", lambda q: fused):
+        out, _ = sr.sigma_attention(q, k, v, ids, 2, backend="packed", valid=torch.zeros(1, 3, dtype=torch.bool))
+        grads = torch.autograd.grad(out.square().sum() + out.sum(), (q, k, v))
+    assert (out == 0).all() and all((g == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu autograd Function", "composition (CUDA's path)"])
 @given(modality_rows(max_len=40), st.integers(1, 4), st.data())
 def test_packed_sigma_attention_matches_math_in_values_and_gradients(fused, ids, heads, data):
     """The packed backend against `math`, values and gradients, for every split and right padding: the CPU
@@ -215,7 +227,7 @@ def test_packed_sigma_attention_matches_math_in_values_and_gradients(fused, ids,
     q, k, v = random_qkv(ids, heads=heads, requires_grad=True)
     weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
     results = {}
-    with sr.runtime.torch_threads(threads), mock.patch.object(kernels.packed, "_fused_supported", lambda q: fused):
+    with sr.runtime.torch_threads(threads), mock.patch.object(kernels.packed, "fused_supported", lambda q: fused):
         for backend in ("math", "packed"):
             out, _ = sr.sigma_attention(q, k, v, ids, split, backend=backend, valid=valid)
             results[backend] = (out, *torch.autograd.grad((out * weight).sum(), (q, k, v)))

@@ -27,7 +27,9 @@ A `GroupLayout` (layout.py) carries the ids, the padding and everything derived 
 share its masks and packing plan between calls (the model builds one per forward), or pass plain ids.
 
 Beside them, gate.py: the gated layers' last step (gate, product, o_proj) as one autograd Function that keeps
-no gate activation for the backward pass.
+no gate activation for the backward pass; and layer.py: on the CPU packed path, a gated layer's whole forward
+(projections, attention, gate, o_proj) as one autograd Function whose backward peaks no higher than
+standard attention's (`gated_attention_layer` says where it runs).
 
 Run `python -m sigma_ref demo kernels` to check every available backend against `math` on a random layout.
 """
@@ -38,9 +40,11 @@ import torch
 
 from ..masks import layout as parse_layout
 from . import flash, flex
+from . import packed
 from .gate import GatedOutputProjection, gate_logits, gated_output
+from .layer import GatedPackedLayer
 from .layout import GroupLayout, Segments
-from .packed import causal_attention, packed_attention, sigma_packed_attention
+from .packed import causal_attention, pack_plan, packed_attention, sigma_packed_attention
 from .reference import dense_decode_attention, math_attention, sdpa_attention
 
 BACKENDS = ("auto", "math", "sdpa", "packed", "flex", "flash")
@@ -146,6 +150,24 @@ def sigma_attention(q, k, v, modality_ids, num_intra_heads: int, *, backend: str
     return torch.cat(outs, dim=2).transpose(1, 2), None                # [B, H, S, d] (a view)
 
 
+def gated_attention_layer(x, q_weight, k_weight, v_weight, gate_weight, table, out_weight, layout: GroupLayout,
+                          num_heads: int, num_intra_heads: int, *, backend: str = "auto") -> torch.Tensor | None:
+    """A gated layer, o_proj(sigmoid(x W_g^T + T[ids]) * attention), as ONE autograd step where the backend
+    resolves to `packed` on CPU (layer.py: its backward's peak memory is standard attention's); else None, and
+    the caller composes the layer from the kernel and `gated_output` as usual. Weights as nn.Linear keeps them
+    ([D, D]); table [M, D] or None; x [B, S, D] -> y [B, S, D]."""
+    # A custom Function would run its backward without autocast; other named backends are checked (with their
+    # error messages) where the composed layer calls them.
+    if backend not in ("auto", "packed") or torch.is_autocast_enabled(x.device.type):
+        return None
+    batch, seq_len, D = x.shape
+    q_like = x.new_empty(1, 1, 1, 1).expand(batch, num_heads, seq_len, D // num_heads)   # q's shape, no data
+    if resolve_backend(backend, q_like) != "packed" or not packed.fused_supported(q_like):
+        return None
+    return GatedPackedLayer.apply(x, q_weight, k_weight, v_weight, gate_weight, table, out_weight, layout.ids,
+                                  pack_plan(layout), num_heads, num_intra_heads)
+
+
 def decode_attention(q, k, v, modality_ids: torch.Tensor, num_intra_heads: int, *, backend: str = "auto"):
     """SIGMA attention of the last T positions (q [B, H, T, d]) over all S cached keys (k, v [B, H, S, d]),
     for KV-cache decoding; modality_ids [B, S] covers all S positions. Returns [B, H, T, d].
@@ -184,4 +206,4 @@ def _demo() -> None:
 
 __all__ = ["BACKENDS", "PACKED_MIN_LENGTH", "GroupLayout", "Segments", "grouped_causal_attention", "sigma_attention",
            "decode_attention", "resolve_backend", "flash_available", "as_layout",
-           "GatedOutputProjection", "gate_logits", "gated_output"]
+           "GatedOutputProjection", "gate_logits", "gated_output", "GatedPackedLayer", "gated_attention_layer"]

@@ -114,63 +114,87 @@ def _head_chunks(first: int, last: int, size: int):
     return [(a, min(a + size, last)) for a in range(first, last, size)]
 
 
+def packed_forward(q, k, v, plan: PackPlan, num_intra_heads: int):
+    """The forward of SIGMA attention on CPU, no autograd: heads [0, h) packed, heads [h, H) causal.
+
+    q, k, v [B, H, S, d] -> (out [B, S, H, d], lse_intra [seg, h, L] or None, lse_global [B, H-h, S] or None).
+    """
+    batch, heads, seq_len, dim = q.shape
+    h = num_intra_heads
+    # Every entry is written below (padding last, by _zero_padding_), unless there is no segment at all.
+    fresh = q.new_empty if plan.source.numel() else q.new_zeros
+    out = fresh(batch, seq_len, heads, dim)                                    # [B, S, H, d]
+    lse_intra = lse_global = None
+    if h < heads:                                                              # global heads: causal, in place
+        o, lse_global = _FLASH_CPU(q[:, h:], k[:, h:], v[:, h:], 0.0, True)          # [B, H-h, S, d]
+        out[:, :, h:] = o.transpose(1, 2)
+        del o
+    if h > 0 and plan.source.numel():                                          # intra heads: packed
+        o, lse_intra = _FLASH_CPU(*(_pack(t[:, :h], plan) for t in (q, k, v)), 0.0, True)    # [seg, h, L, d]
+        out[:, :, :h] = _unpack(o, plan)
+        del o
+    return _zero_padding_(out, plan), lse_intra, lse_global
+
+
+def packed_backward_chunks(grad_out, q, k, v, out, lse_intra, lse_global, plan: PackPlan, num_intra_heads: int):
+    """The backward of `packed_forward`, a few heads at a time: yields (a, b, dq, dk, dv) for heads [a, b),
+    each gradient [B, S, b - a, d] (contiguous) with zeros at padding.
+
+    grad_out, out: [B, H, S, d]. Why chunks: each call runs the flash backward on enough heads to keep every
+    thread busy, while the temporaries (the gathered inputs and the op's own gradients) stay a few heads'
+    worth; a caller folds each chunk into its own result and lets it go.
+    """
+    h, heads = num_intra_heads, q.shape[1]
+    if plan.valid is not None:                    # padding's outputs are constants: no gradient flows from them
+        grad_out = grad_out.masked_fill(~plan.valid.transpose(1, 2), 0)
+    threads = torch.get_num_threads()
+    for a, b in _head_chunks(h, heads, max(1, threads // q.shape[0])):
+        parts = _FLASH_CPU_BACKWARD(grad_out[:, a:b], q[:, a:b], k[:, a:b], v[:, a:b], out[:, a:b],
+                                    lse_global[:, a - h:b - h], 0.0, True)
+        # A padding query's grad_out is 0 and padding keys are seen only by padding queries (they sit at the
+        # end of their row), so every gradient at padding is already 0 here.
+        yield (a, b, *(part.transpose(1, 2) for part in parts))
+        del parts
+    num_segments = plan.segments[0]
+    for a, b in _head_chunks(0, h if num_segments else 0, max(1, -(-threads // max(1, num_segments)))):
+        packed_grad_out = _pack(grad_out[:, a:b], plan)
+        if plan.slot_is_real is not None:          # a filler slot's query must not send gradient to real keys
+            packed_grad_out = packed_grad_out.masked_fill(~plan.slot_is_real.transpose(1, 2), 0)
+        parts = _FLASH_CPU_BACKWARD(packed_grad_out, *(_pack(t[:, a:b], plan) for t in (q, k, v, out)),
+                                    lse_intra[:, a:b], 0.0, True)
+        del packed_grad_out
+        yield (a, b, *(_zero_padding_(_unpack(part, plan), plan) for part in parts))    # padding read slot 0
+        del parts
+    if h > 0 and not num_segments:                # every token is padding: the intra heads' gradients are 0
+        yield (0, h, *(q.new_zeros(q.shape[0], q.shape[2], h, q.shape[3]) for _ in range(3)))
+
+
 class SigmaPackedFunction(torch.autograd.Function):
-    """SIGMA attention on CPU: heads [0, h) packed per (row, modality), heads [h, H) causal. See the module."""
+    """SIGMA attention on CPU as one autograd step: `packed_forward`, and a backward that writes each chunk of
+    `packed_backward_chunks` in place into [B, S, H, d] gradients. See the module's docstring."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan: PackPlan, num_intra_heads: int):
-        batch, heads, seq_len, dim = q.shape
-        h = num_intra_heads
-        # Every entry is written below (padding last, by _zero_padding_), unless there is no segment at all.
-        fresh = q.new_empty if plan.source.numel() else q.new_zeros
-        out = fresh(batch, seq_len, heads, dim)                                # [B, S, H, d]
-        lse_intra = lse_global = None
-        if h < heads:                                                          # global heads: causal, in place
-            o, lse_global = _FLASH_CPU(q[:, h:], k[:, h:], v[:, h:], 0.0, True)      # [B, H-h, S, d]
-            out[:, :, h:] = o.transpose(1, 2)
-            del o
-        if h > 0 and plan.source.numel():                                      # intra heads: packed
-            o, lse_intra = _FLASH_CPU(*(_pack(t[:, :h], plan) for t in (q, k, v)), 0.0, True)  # [seg, h, L, d]
-            out[:, :, :h] = _unpack(o, plan)
-            del o
-        _zero_padding_(out, plan)
-        ctx.plan, ctx.num_intra_heads = plan, h
+        out, lse_intra, lse_global = packed_forward(q, k, v, plan, num_intra_heads)
+        ctx.plan, ctx.num_intra_heads = plan, num_intra_heads
         ctx.save_for_backward(q, k, v, out, lse_intra, lse_global)
         return out.transpose(1, 2)                                             # [B, H, S, d] view
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse_intra, lse_global = ctx.saved_tensors
-        plan, h = ctx.plan, ctx.num_intra_heads
         batch, heads, seq_len, dim = q.shape
-        out = out.transpose(1, 2)                                              # [B, H, S, d] view
-        if plan.valid is not None:                # padding's outputs are constants: no gradient flows from them
-            grad_out = grad_out.masked_fill(~plan.valid.transpose(1, 2), 0)
-        fresh = q.new_empty if plan.source.numel() else q.new_zeros            # as in the forward
-        grads = [fresh(batch, seq_len, heads, dim) for _ in range(3)]          # dq, dk, dv as [B, S, H, d]
-        # A few heads per call: enough work units to keep every thread busy, while the temporaries (the
-        # gathered inputs and the op's own gradients) stay a few heads' worth.
-        threads = torch.get_num_threads()
-        for a, b in _head_chunks(h, heads, max(1, threads // batch)):
-            parts = _FLASH_CPU_BACKWARD(grad_out[:, a:b], q[:, a:b], k[:, a:b], v[:, a:b], out[:, a:b],
-                                        lse_global[:, a - h:b - h], 0.0, True)
+        grads = [q.new_empty(batch, seq_len, heads, dim) for _ in range(3)]    # dq, dk, dv as [B, S, H, d]
+        for a, b, *parts in packed_backward_chunks(grad_out, q, k, v, out.transpose(1, 2), lse_intra, lse_global,
+                                                   ctx.plan, ctx.num_intra_heads):
             for full, part in zip(grads, parts):
-                full[:, :, a:b] = part.transpose(1, 2)
+                full[:, :, a:b] = part
             del parts
-        num_segments = plan.segments[0]
-        for a, b in _head_chunks(0, h if num_segments else 0, max(1, -(-threads // max(1, num_segments)))):
-            packed_grad_out = _pack(grad_out[:, a:b], plan)
-            if plan.slot_is_real is not None:      # a filler slot's query must not send gradient to real keys
-                packed_grad_out = packed_grad_out.masked_fill(~plan.slot_is_real.transpose(1, 2), 0)
-            parts = _FLASH_CPU_BACKWARD(packed_grad_out, *(_pack(t[:, a:b], plan) for t in (q, k, v, out)),
-                                        lse_intra[:, a:b], 0.0, True)
-            for full, part in zip(grads, parts):
-                full[:, :, a:b] = _unpack(part, plan)
-            del parts, packed_grad_out
-        return (*(_zero_padding_(g, plan).transpose(1, 2) for g in grads), None, None)
+        return (*(g.transpose(1, 2) for g in grads), None, None)
 
 
-def _fused_supported(q: torch.Tensor) -> bool:
+def fused_supported(q: torch.Tensor) -> bool:
+    """True where the autograd Functions built on PyTorch's CPU flash ops can run on q (CPU tensors)."""
     return q.device.type == "cpu" and _FLASH_CPU is not None and _FLASH_CPU_BACKWARD is not None
 
 
@@ -180,12 +204,15 @@ def sigma_packed_attention(q, k, v, layout: GroupLayout, num_intra_heads: int):
     if num_intra_heads == 0:                       # no intra head: standard attention, nothing to pack
         return causal_attention(q, k, v, layout)
     plan = pack_plan(layout)
-    if _fused_supported(q):
+    if fused_supported(q):
         return SigmaPackedFunction.apply(q, k, v, plan, num_intra_heads)
     # The same plan as a composition of differentiable ops (CUDA tensors): autograd keeps the gathered copies.
     h, heads = num_intra_heads, q.shape[1]
-    packed = F.scaled_dot_product_attention(*(_pack(t[:, :h], plan) for t in (q, k, v)), is_causal=True)
-    streams = [_unpack(packed, plan)]                                          # [B, S, h, d]
+    if plan.source.numel():
+        packed = F.scaled_dot_product_attention(*(_pack(t[:, :h], plan) for t in (q, k, v)), is_causal=True)
+        streams = [_unpack(packed, plan)]                                      # [B, S, h, d]
+    else:                                          # every token is padding: no segment, and zeros out
+        streams = [q.new_zeros(q.shape[0], q.shape[2], h, q.shape[3])]
     if h < heads:
         streams.append(F.scaled_dot_product_attention(q[:, h:], k[:, h:], v[:, h:], is_causal=True).transpose(1, 2))
     out = torch.cat(streams, dim=2) if len(streams) > 1 else streams[0]

@@ -78,6 +78,41 @@ def test_readme_bench_tables_are_the_committed_benchmark():
     assert readme_block("bench-tables") == rendered
 
 
+def test_readme_bench_claims_match_the_committed_benchmark():
+    """The figures README's status section quotes are the committed benchmark's, rounded as printed."""
+    results = json.loads((ROOT / "results" / "bench_cpu.json").read_text())
+    tables = {t["title"].split(",")[0].split(":")[0]: t["rows"] for t in results["tables"]}
+    timing = {(n, what): (both, ratio) for n, what, _, _, both, ratio in tables["Attention time"]}
+    memory = {(n, what): ratio for n, what, _, ratio in tables["Peak memory growth during one forward+backward"]}
+    step = {attention: ratio for attention, _, ratio in tables["Tiny-model training step"]}
+    standard_step_ms = next(ms for attention, ms, _ in tables["Tiny-model training step"] if attention == "standard")
+    ms = lambda n, what: timing[n, what][0]
+    text = " ".join((ROOT / "README.md").read_text().split())
+    claims = [
+        f"{timing[4096, 'SIGMA packed'][1]:.2f}x standard causal SDPA at N=4096 and "
+        f"{timing[8192, 'SIGMA packed'][1]:.2f}x at N=8192",
+        f"{timing[4096, 'SigmaAttention module'][1]:.2f}x the StandardAttention module at N=4096 and "
+        f"{timing[8192, 'SigmaAttention module'][1]:.2f}x at N=8192",
+        f"spends {ms(4096, 'StandardAttention module') - ms(4096, 'standard causal SDPA'):.0f} ms beside causal "
+        f"SDPA's {ms(4096, 'standard causal SDPA'):.0f}",
+        f"the SigmaAttention module {ms(4096, 'SigmaAttention module') - ms(4096, 'SIGMA packed'):.0f} ms beside "
+        f"its kernel's {ms(4096, 'SIGMA packed'):.0f}: the kernel saves "
+        f"{ms(4096, 'standard causal SDPA') - ms(4096, 'SIGMA packed'):.0f} ms",
+        f"Gated Attention, with the same gate and no saving in attention, is "
+        f"{timing[4096, 'GatedAttention module'][1]:.2f}x",
+        f"SIGMA {step['sigma']:.2f}x standard, Gated {step['gated']:.2f}x",
+        f"at {standard_step_ms:.1f} ms for a standard step",
+        f"the packed kernel {memory[4096, 'SIGMA packed']:.2f}x standard SDPA at N=4096 and "
+        f"{memory[8192, 'SIGMA packed']:.2f}x at N=8192",
+        f"the SigmaAttention module {memory[4096, 'SigmaAttention module']:.2f}x the StandardAttention module at "
+        f"4096 and {memory[8192, 'SigmaAttention module']:.2f}x at 8192",
+        f"{timing[4096, 'SIGMA sdpa (dense mask)'][1]:.1f}x causal SDPA at N=4096",
+    ]
+    missing = [claim for claim in claims if claim not in text]
+    assert not missing, missing
+    assert memory[8192, "SigmaAttention module"] <= 1.1 and "goal 1.1x at 8192, met; before" in text
+
+
 @pytest.mark.parametrize("block, path", [("speedrun-log", "speedrun_log_cpu.json"),
                                          ("time-to-accuracy", "time_to_accuracy_cpu.json")])
 def test_readme_speedrun_tables_are_the_committed_runs(block, path):

@@ -29,7 +29,7 @@ from .packed import PackPlan, packed_backward_chunks, packed_forward
 
 
 class GatedPackedLayer(torch.autograd.Function):
-    """y = o_proj(sigmoid(x W_g^T + T[ids]) * attention(q_proj(x), k_proj(x), v_proj(x))), CPU, fp32.
+    """y = o_proj(sigmoid(x W_g^T + T[ids]) * attention(q_proj(x), k_proj(x), v_proj(x))), CPU tensors.
 
     Saves x, q, k, v, the attention output and its log-sum-exps (what standard attention keeps); the gate is
     recomputed in the backward pass. Weights are [D, D] as nn.Linear stores them; table [M, D] or None.
@@ -80,11 +80,11 @@ class GatedPackedLayer(torch.autograd.Function):
         grad_o = grad_o.view(batch, seq_len, -1, head_dim).transpose(1, 2)                  # [B, H, S, d]
         for a, b, *parts in packed_backward_chunks(grad_o, q, k, v, out.transpose(1, 2), lse_intra, lse_global,
                                                    ctx.plan, ctx.num_intra_heads):
-            columns = slice(a * head_dim, b * head_dim)          # these heads' rows of each [D, D] weight
+            channels = slice(a * head_dim, b * head_dim)         # these heads' rows of each [D, D] weight
             for weight, grad_weight, part in zip(weights, grad_weights, parts):
                 part = part.reshape(rows, -1)                                               # [B*S, (b-a)*d]
-                grad_x.addmm_(part, weight[columns])
-                torch.mm(part.t(), x2, out=grad_weight[columns])
+                grad_x.addmm_(part, weight[channels])
+                torch.mm(part.t(), x2, out=grad_weight[channels])
             del parts
         return (grad_x.view_as(x), *grad_weights, grad_gate_weight, grad_table, grad_out_weight,
                 None, None, None, None)

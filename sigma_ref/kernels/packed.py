@@ -21,6 +21,8 @@ direction. The Function instead
 - in the backward, re-gathers a few heads at a time, runs the flash backward on them and writes their
   gradients in place into [B, S, H, d] gradient tensors: the extra memory is a few heads' worth, not a copy
   of everything.
+Its two halves are plain functions, `packed_forward` and `packed_backward_chunks` (the latter yields each few
+heads' gradients), so that layer.py can build a whole gated layer on them and fold each chunk away at once.
 
 Elsewhere (CUDA tensors, or a PyTorch without those ops) the same plan runs as a plain composition of
 `F.scaled_dot_product_attention` calls and autograd does the rest.

@@ -39,8 +39,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import layout as parse_layout
-from . import flash, flex
-from . import packed
+from . import flash, flex, packed
 from .gate import GatedOutputProjection, gate_logits, gated_output
 from .layer import GatedPackedLayer
 from .layout import GroupLayout, Segments

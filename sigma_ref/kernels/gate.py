@@ -48,22 +48,30 @@ class GatedOutputProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, o, gate_weight, table, ids, out_weight = ctx.saved_tensors
-        # Each [B, S, D] temporary is freed (del) as soon as it has been used.
-        gate = torch.sigmoid(gate_logits(x, gate_weight, table, ids))           # recomputed, not stored
-        D = o.shape[-1]
-        grad_y2 = grad_y.reshape(-1, D)                                          # [B*S, D]
-        grad_out_weight = grad_y2.t().mm((o * gate).reshape(-1, D))
-        grad_gated = grad_y2.mm(out_weight).view_as(o)
-        grad_o = grad_gated * gate
-        grad_gate = grad_gated * o
-        del grad_gated
-        grad_logits = torch.ops.aten.sigmoid_backward(grad_gate, gate)           # [B, S, D]
-        del grad_gate, gate
-        grad_table = None if table is None else \
-            torch.ops.aten.embedding_dense_backward(grad_logits, ids, table.shape[0], -1, False)
-        grad_logits2 = grad_logits.reshape(-1, D)
-        return (grad_logits2.mm(gate_weight).view_as(x), grad_o, grad_logits2.t().mm(x.reshape(-1, D)),
-                grad_table, None, grad_out_weight)
+        grad_x, grad_o, grad_gate_weight, grad_table, grad_out_weight = gated_output_backward(
+            grad_y, x, o, gate_weight, table, ids, out_weight)
+        return grad_x, grad_o, grad_gate_weight, grad_table, None, grad_out_weight
+
+
+def gated_output_backward(grad_y, x, o, gate_weight, table, ids, out_weight):
+    """The backward of y = o_proj(sigmoid(x W_g^T + T[ids]) * o), the gate recomputed, not stored:
+    (dx [B, S, D] (the gate's share), do [B, S, D], dW_g, dT or None, dW_o). The same ops as autograd's, in an
+    order (and partly in place) that keeps at most three [B, S, D] temporaries alive at once; layer.py uses it
+    too."""
+    D = o.shape[-1]
+    gate = torch.sigmoid(gate_logits(x, gate_weight, table, ids))               # recomputed, not stored
+    grad_y2 = grad_y.reshape(-1, D)                                              # [B*S, D]
+    grad_out_weight = grad_y2.t().mm((o * gate).reshape(-1, D))
+    grad_gated = grad_y2.mm(out_weight).view_as(o)
+    grad_o = grad_gated * gate
+    grad_logits = grad_gated.mul_(o)                       # now the gate's gradient, and in place below ...
+    torch.ops.aten.sigmoid_backward.grad_input(grad_logits, gate, grad_input=grad_logits)     # ... the logits'
+    del grad_gated, gate
+    grad_table = None if table is None else \
+        torch.ops.aten.embedding_dense_backward(grad_logits, ids, table.shape[0], -1, False)
+    grad_logits2 = grad_logits.reshape(-1, D)
+    return (grad_logits2.mm(gate_weight).view_as(x), grad_o, grad_logits2.t().mm(x.reshape(-1, D)), grad_table,
+            grad_out_weight)
 
 
 def gated_output(x, o, gate_weight, table, ids, out_weight) -> torch.Tensor:

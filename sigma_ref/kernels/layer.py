@@ -12,7 +12,7 @@ tensor). Owning the whole layer lets the backward choose its order:
 
 so dq, dk and dv never exist for all heads at once, and the peak is a few heads' worth of gradients over the
 saved tensors, below standard attention's. The forward is the composition the modules write out in
-attention.py (tests/test_kernels.py holds the two to each other in values and gradients).
+attention.py (tests/test_attention.py holds the two to each other in values and gradients).
 
     x [B, S, D] --q/k/v--> [B, H, S, d] --packed_forward--> o [B, S, D] --gate, o_proj--> y [B, S, D]
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gate import gate_logits
+from .gate import gate_logits, gated_output_backward
 from .packed import PackPlan, packed_backward_chunks, packed_forward
 
 
@@ -55,23 +55,10 @@ class GatedPackedLayer(torch.autograd.Function):
          ids) = ctx.saved_tensors
         batch, seq_len, D = x.shape
         rows = batch * seq_len
-        x2, grad_y2, o = x.reshape(rows, D), grad_y.reshape(rows, D), out.view(batch, seq_len, D)
-
-        # 1. o_proj and the gate, in an order that keeps at most three [B, S, D] temporaries alive at once.
-        gate = torch.sigmoid(gate_logits(x, gate_weight, table, ids))                       # recomputed
-        grad_out_weight = grad_y2.t().mm((o * gate).reshape(rows, D))
-        grad_gated = grad_y2.mm(out_weight).view_as(o)                                      # [B, S, D]
-        grad_o = grad_gated * gate
-        grad_logits = grad_gated.mul_(o)                     # now the gate's gradient, and in place below ...
-        torch.ops.aten.sigmoid_backward.grad_input(grad_logits, gate, grad_input=grad_logits)   # ... the logits'
-        del grad_gated, gate
-        grad_logits = grad_logits.reshape(rows, D)
-        grad_table = None if table is None else \
-            torch.ops.aten.embedding_dense_backward(grad_logits.view(batch, seq_len, D), ids, table.shape[0], -1,
-                                                    False)
-        grad_gate_weight = grad_logits.t().mm(x2)
-        grad_x = grad_logits.mm(gate_weight)                                                # [B*S, D], the sum
-        del grad_logits
+        # 1. o_proj and the gate (gate.py's backward, the gate recomputed); its share of dx starts dx.
+        grad_x, grad_o, grad_gate_weight, grad_table, grad_out_weight = gated_output_backward(
+            grad_y, x, out.view(batch, seq_len, D), gate_weight, table, ids, out_weight)
+        grad_x, x2 = grad_x.view(rows, D), x.reshape(rows, D)                                # [B*S, D]
 
         # 2. attention, a few heads at a time: fold each chunk into dx and the q/k/v weight gradients.
         weights = (q_weight, k_weight, v_weight)

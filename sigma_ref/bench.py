@@ -4,7 +4,11 @@ Why it can be: SIGMA's intra heads attend only within a modality. With half the 
 head sees two causal sequences of N/2 instead of one of N: half the work. Half the heads are intra, so the
 FLOP floor is 0.75x standard causal attention. A kernel only gets there if it SKIPS the cross-modal blocks:
 a dense boolean mask makes SDPA compute every block and then throw the masked ones away (ratio > 1), while
-the `packed` kernel gathers each modality into its own segment and never computes them.
+the `packed` kernel gathers each modality into its own segment and never computes them. The row "SIGMA
+packed, flash calls alone" times the causal attention calls that packing makes, on inputs laid out for them
+beforehand: the least the packed path can cost with PyTorch's kernels. The gap between it and "SIGMA packed"
+is packing's own work (gathers, scatters, copies); the gap between it and 0.75x is the kernel's (a causal
+kernel computes whole tiles on the diagonal, a larger share of a shorter sequence).
 
     python -m sigma_ref bench [--out FILE.json] [--sizes 512 2048 4096 8192] [--repeats 5]
     python -m sigma_ref bench --crossover      # packed vs dense sdpa at short lengths (sets "auto")
@@ -80,10 +84,39 @@ def _qkv(n, device, dtype, requires_grad):
             .requires_grad_(requires_grad) for _ in range(3)]
 
 
+# The packed path's floor with PyTorch's kernels: the causal attention calls it makes, on inputs already laid
+# out for them, with nothing gathered, scattered or copied. What "SIGMA packed" costs above this row is its own
+# bookkeeping; what this row costs above 0.75x is the kernel's (its tiles on the diagonal of each segment).
+FLASH_CALLS_ALONE = "SIGMA packed, flash calls alone"
+
+
+def _flash_calls_alone(q, k, v, n: int, backward: bool):
+    """[the causal SDPA calls of packed SIGMA on half_image_layout(n), as (q, k, v) triples]: the global heads
+    over all n tokens (views of the inputs, as packed.py passes them) and the intra heads over the two
+    segments (text n/4 + n/4 tokens, image n - 2 * (n // 4)), padded to the longer one as packed.py pads."""
+    half = BENCH_HEADS // 2
+    segment = n - 2 * (n // 4)
+    g = torch.Generator().manual_seed(1)
+    intra = [torch.randn(2, segment, half, BENCH_HEAD_DIM, generator=g).to(q.device, q.dtype).transpose(1, 2)
+             .requires_grad_(backward) for _ in range(3)]                                 # [2, H/2, N/2, d]
+    return [tuple(t[:, half:] for t in (q, k, v)), tuple(intra)]
+
+
 def kernel_case(name: str, n: int, device, dtype, backward: bool):
     """A callable running one kernel on B=1, H=8, d=64, half image; `name` picks the kernel."""
     q, k, v = _qkv(n, device, dtype, backward)
     ids = half_image_layout(n)[None].to(device)
+    if name == FLASH_CALLS_ALONE:
+        calls = _flash_calls_alone(q, k, v, n, backward)
+        run_all = lambda: [torch.nn.functional.scaled_dot_product_attention(*qkv, is_causal=True) for qkv in calls]
+        if not backward:
+            def forward():
+                with torch.no_grad():
+                    run_all()
+            return forward
+        grads = [torch.randn_like(qkv[0]) for qkv in calls]
+        inputs = [t for qkv in calls for t in qkv]
+        return lambda: torch.autograd.grad(run_all(), inputs, grads)
     if name == "standard causal SDPA":
         run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     elif name == "flash causal (all heads)":
@@ -130,7 +163,7 @@ def reference_for(name: str) -> str:
 
 
 def available_kernels(device, dtype) -> list[str]:
-    names = ["standard causal SDPA", "SIGMA sdpa (dense mask)", "SIGMA packed", "SIGMA flex"]
+    names = ["standard causal SDPA", "SIGMA sdpa (dense mask)", "SIGMA packed", FLASH_CALLS_ALONE, "SIGMA flex"]
     probe = torch.zeros(1, 1, 1, BENCH_HEAD_DIM, device=device, dtype=dtype)
     if kernels.flash_available(probe):
         names += ["flash causal (all heads)", "SIGMA flash"]

@@ -127,7 +127,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="also write the tables as JSON to this file")
     p.add_argument("--sizes", type=int, nargs="*", default=[512, 2048, 4096, 8192],
                    help="sequence lengths of the timing and memory tables (none: skip them)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per median")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds per median")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
     p.add_argument("--crossover", action="store_true", help="add the packed-vs-sdpa crossover table")
     p.add_argument("--train-step", action="store_true", help="add the tiny-model training-step table")

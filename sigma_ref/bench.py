@@ -4,21 +4,22 @@ Why it can be: SIGMA's intra heads attend only within a modality. With half the 
 head sees two causal sequences of N/2 instead of one of N: half the work. Half the heads are intra, so the
 FLOP floor is 0.75x standard causal attention. A kernel only gets there if it SKIPS the cross-modal blocks:
 a dense boolean mask makes SDPA compute every block and then throw the masked ones away (ratio > 1), while
-the `packed` kernel gathers each modality into its own segment and never computes them. The row "SIGMA
-packed, flash calls alone" times the causal attention calls that packing makes, on inputs laid out for them
-beforehand: the least the packed path can cost with PyTorch's kernels. The gap between it and "SIGMA packed"
-is packing's own work (gathers, scatters, copies); the gap between it and 0.75x is the kernel's (a causal
-kernel computes whole tiles on the diagonal, a larger share of a shorter sequence).
+the `packed` kernel gathers each modality into its own segment and never computes them. The row "causal
+SDPA on the packed shapes" does the same attention work as packing with nothing gathered: plain causal SDPA
+over the global heads and over the two modality segments, on inputs laid out for it beforehand. Its gap to
+0.75x is the kernel's (a causal kernel computes whole tiles on the diagonal, a larger share of a shorter
+sequence); the gap between it and "SIGMA packed" is packing's own work (gathers, scatters, copies) and the
+way it runs its backward (a few heads at a time, which at some lengths is itself faster).
 
-    python -m sigma_ref bench [--out FILE.json] [--sizes 512 2048 4096 8192] [--repeats 5]
+    python -m sigma_ref bench [--out FILE.json] [--sizes 512 2048 4096 8192] [--repeats 7]
     python -m sigma_ref bench --crossover      # packed vs dense sdpa at short lengths (sets "auto")
     python -m sigma_ref bench --train-step     # the tiny model's training step, SIGMA vs standard
 
-Every ratio is a median measured in the same run as its reference, on the same inputs: this machine is
-shared and noisy, and only side-by-side ratios are meaningful. Memory is the growth of the peak resident size
-during one forward+backward (inputs made before it and not counted; outputs, gradients and temporaries
-counted), the median of three fresh processes with glibc's mmap threshold fixed so that the resident size
-follows the live tensors (CPU), or torch.cuda.max_memory_allocated (CUDA).
+Every ratio is the median over interleaved rounds of a time over its reference's time in the same round, on
+the same inputs: this machine is shared and noisy, and only side-by-side ratios are meaningful. Memory is the
+growth of the peak resident size during one forward+backward (inputs made before it and not counted; outputs,
+gradients and temporaries counted), the median of three fresh processes with glibc's mmap threshold fixed so
+that the resident size follows the live tensors (CPU), or torch.cuda.max_memory_allocated (CUDA).
 """
 
 from __future__ import annotations
@@ -52,11 +53,12 @@ def half_image_layout(n: int) -> torch.Tensor:
     return layout(f"T{quarter} I{n - 2 * quarter} T{quarter}")
 
 
-def interleaved_medians(fns: dict, repeats: int, warmup: int = 1, sync=lambda: None) -> dict:
-    """Median wall time of each function, timed round-robin: A B C, A B C, ...
+def interleaved_times(fns: dict, repeats: int, warmup: int = 1, sync=lambda: None) -> dict[str, list[float]]:
+    """Wall times of each function, `repeats` rounds timed round-robin: A B C, A B C, ...
 
     On a shared machine the background load drifts over seconds. Timing A fully, then B, then C lets that
-    drift land on one candidate; interleaving spreads it over all of them, so their RATIOS stay honest.
+    drift land on one candidate; interleaving spreads it over all of them, and each round times every
+    candidate within a few seconds of the others.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -69,7 +71,18 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 1, sync=lambda: N
             fn()
             sync()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 1, sync=lambda: None) -> dict[str, float]:
+    """Median wall time of each function over `repeats` interleaved rounds (interleaved_times)."""
+    return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats, warmup, sync).items()}
+
+
+def median_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """The median over rounds of name's time over reference's time IN THE SAME ROUND: a burst of load that
+    slows one round moves both times of that round, and the median drops the rounds it hit unevenly."""
+    return statistics.median(t / r for t, r in zip(times[name], times[reference]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -84,14 +97,14 @@ def _qkv(n, device, dtype, requires_grad):
             .requires_grad_(requires_grad) for _ in range(3)]
 
 
-# The packed path's floor with PyTorch's kernels: the causal attention calls it makes, on inputs already laid
-# out for them, with nothing gathered, scattered or copied. What "SIGMA packed" costs above this row is its own
-# bookkeeping; what this row costs above 0.75x is the kernel's (its tiles on the diagonal of each segment).
-FLASH_CALLS_ALONE = "SIGMA packed, flash calls alone"
+# The packed path's attention work done by plain causal SDPA, on inputs already laid out for it: nothing
+# gathered, scattered or copied. What this row costs above 0.75x is the kernel's (its tiles on the diagonal of
+# each segment); what "SIGMA packed" costs above this row is packing's bookkeeping (the module docstring).
+PACKED_SHAPES = "causal SDPA on the packed shapes"
 
 
-def _flash_calls_alone(q, k, v, n: int, backward: bool):
-    """[the causal SDPA calls of packed SIGMA on half_image_layout(n), as (q, k, v) triples]: the global heads
+def _packed_shapes(q, k, v, n: int, backward: bool):
+    """The (q, k, v) of each causal attention call packed SIGMA makes on half_image_layout(n): the global heads
     over all n tokens (views of the inputs, as packed.py passes them) and the intra heads over the two
     segments (text n/4 + n/4 tokens, image n - 2 * (n // 4)), padded to the longer one as packed.py pads."""
     half = BENCH_HEADS // 2
@@ -106,8 +119,8 @@ def kernel_case(name: str, n: int, device, dtype, backward: bool):
     """A callable running one kernel on B=1, H=8, d=64, half image; `name` picks the kernel."""
     q, k, v = _qkv(n, device, dtype, backward)
     ids = half_image_layout(n)[None].to(device)
-    if name == FLASH_CALLS_ALONE:
-        calls = _flash_calls_alone(q, k, v, n, backward)
+    if name == PACKED_SHAPES:
+        calls = _packed_shapes(q, k, v, n, backward)
         run_all = lambda: [torch.nn.functional.scaled_dot_product_attention(*qkv, is_causal=True) for qkv in calls]
         if not backward:
             def forward():
@@ -163,7 +176,7 @@ def reference_for(name: str) -> str:
 
 
 def available_kernels(device, dtype) -> list[str]:
-    names = ["standard causal SDPA", "SIGMA sdpa (dense mask)", "SIGMA packed", FLASH_CALLS_ALONE, "SIGMA flex"]
+    names = ["standard causal SDPA", "SIGMA sdpa (dense mask)", "SIGMA packed", PACKED_SHAPES, "SIGMA flex"]
     probe = torch.zeros(1, 1, 1, BENCH_HEAD_DIM, device=device, dtype=dtype)
     if kernels.flash_available(probe):
         names += ["flash causal (all heads)", "SIGMA flash"]
@@ -195,8 +208,9 @@ def timing_table(sizes, device, dtype, repeats, progress=True) -> Table:
     names = available_kernels(device, dtype)
     modules = ["StandardAttention module", "GatedAttention module", "SigmaAttention module"]
     table = Table(f"Attention time, {device.type} {str(dtype).replace('torch.', '')}, B=1 H=8 d=64, half image "
-                  "(median ms; ratio in the same run to: standard causal SDPA for kernels, flash causal for "
-                  "SIGMA flash, the StandardAttention module for modules)",
+                  "(median ms; ratio: the median over rounds of the time over its reference's in the same round, "
+                  "the reference being standard causal SDPA for kernels, flash causal for SIGMA flash, the "
+                  "StandardAttention module for modules)",
                   ["N", "what", "fwd ms", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio"])
     jobs = [(n, backward) for n in sizes for backward in (False, True)]
     rows = {}
@@ -209,12 +223,13 @@ def timing_table(sizes, device, dtype, repeats, progress=True) -> Table:
                 fns[name] = module_case(name.split("Attention")[0].lower(), n, device, dtype, backward)
             else:
                 fns[name] = kernel_case(name, n, device, dtype, backward)
-        seconds = interleaved_medians(fns, repeats, sync=sync)
+        times = interleaved_times(fns, repeats, sync=sync)
         for name in names + modules:
             row = rows.setdefault((n, name), [n, name, None, None, None, None])
-            if name in seconds:
+            if name in times:
                 col = 4 if backward else 2
-                row[col], row[col + 1] = seconds[name] * 1e3, seconds[name] / seconds[reference_for(name)]
+                row[col] = statistics.median(times[name]) * 1e3
+                row[col + 1] = median_ratio(times, name, reference_for(name))
     table.rows = list(rows.values())
     return table
 
@@ -279,13 +294,15 @@ def memory_table(sizes, device, progress=True) -> Table:
 
 def crossover_table(sizes=(64, 128, 256, 384, 512, 1024), repeats=20, progress=True) -> Table:
     """packed vs dense-mask sdpa for the intra heads at short lengths: where does packing start to pay?"""
-    table = Table("Crossover: SIGMA packed vs SIGMA dense-mask sdpa, fwd+bwd, CPU fp32 (median ms)",
+    table = Table("Crossover: SIGMA packed vs SIGMA dense-mask sdpa, fwd+bwd, CPU fp32 (median ms; ratio per round, "
+                  "median)",
                   ["N", "sdpa ms", "packed ms", "packed / sdpa"])
     device = torch.device("cpu")
     for n in tqdm(sizes, desc="crossover", disable=not progress):
-        t = interleaved_medians({backend: kernel_case(f"SIGMA {backend}", n, device, torch.float32, True)
-                                 for backend in ("sdpa", "packed")}, repeats, warmup=3)
-        table.rows.append([n, t["sdpa"] * 1e3, t["packed"] * 1e3, t["packed"] / t["sdpa"]])
+        t = interleaved_times({backend: kernel_case(f"SIGMA {backend}", n, device, torch.float32, True)
+                               for backend in ("sdpa", "packed")}, repeats, warmup=3)
+        table.rows.append([n, statistics.median(t["sdpa"]) * 1e3, statistics.median(t["packed"]) * 1e3,
+                           median_ratio(t, "packed", "sdpa")])
     return table
 
 
@@ -293,20 +310,20 @@ def training_step_table(progress: bool = True, preset: str = "cpu", repeats: int
     """Median training-step time of the tiny model for each attention (auto backend), ratio to standard."""
     config = get_preset(preset)
     table = Table(f"Tiny-model training step, preset {preset} (D={config.hidden_size}, L={config.num_layers}, "
-                  f"H={config.num_heads}, batch {config.batch_size}), median ms, timed round-robin",
+                  f"H={config.num_heads}, batch {config.batch_size}), median ms, timed round-robin, ratio per round",
                   ["attention", "step ms", "ratio"])
     batch = DataStream(config.batch_size, 0, config.text_only_fraction).next()
     steps = {}
     for attention in tqdm(ATTENTIONS, desc="train step", disable=not progress):
         trainer = Trainer(attention, config, 0, device="cpu")
         steps[attention] = lambda trainer=trainer: trainer.train_step(batch)
-    seconds = interleaved_medians(steps, repeats, warmup=3)
-    for attention, t in seconds.items():
-        table.rows.append([attention, t * 1e3, t / seconds["standard"]])
+    times = interleaved_times(steps, repeats, warmup=3)
+    for attention, t in times.items():
+        table.rows.append([attention, statistics.median(t) * 1e3, median_ratio(times, attention, "standard")])
     return table
 
 
-def run(sizes=DEFAULT_SIZES, repeats=5, memory=True, crossover=False, train_step=False, progress=True) -> dict:
+def run(sizes=DEFAULT_SIZES, repeats=7, memory=True, crossover=False, train_step=False, progress=True) -> dict:
     """Run the benchmark tables and return them with the machine description; print as they finish."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tables = []

@@ -314,7 +314,7 @@ if __name__ == "__main__":
     head_masks_figure(M.layout("T3 I6 T4"), 8, 4).savefig(sys.argv[1] if len(sys.argv) > 1 else "head_masks.png")
 
 
-BENCH_SERIES = {"SIGMA packed": "tab:blue", "SIGMA packed, flash calls alone": "tab:cyan",
+BENCH_SERIES = {"SIGMA packed": "tab:blue", "causal SDPA on the packed shapes": "tab:cyan",
                 "SIGMA sdpa (dense mask)": "tab:red", "SigmaAttention module": "tab:green"}
 
 

@@ -1,5 +1,7 @@
 """The benchmark's cases measure what their names say (the timings themselves are benchmarks, not tests)."""
 
+import statistics
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from sigma_ref.kernels import packed
 
 
 @pytest.mark.parametrize("n", [64, 66, 131])
-def test_flash_calls_alone_are_the_calls_packed_sigma_makes(n, monkeypatch):
+def test_packed_shapes_are_the_calls_packed_sigma_makes(n, monkeypatch):
     """The floor row times the causal attention calls that packed SIGMA makes on the half-image layout: the
     same shapes and, for the global heads, the same (strided) views of the inputs."""
     made = []
@@ -23,12 +25,21 @@ def test_flash_calls_alone_are_the_calls_packed_sigma_makes(n, monkeypatch):
     q, k, v = bench._qkv(n, torch.device("cpu"), torch.float32, False)
     ids = bench.half_image_layout(n)[None]
     sr.kernels.sigma_attention(q, k, v, ids, bench.BENCH_HEADS // 2, backend="packed")
-    alone = bench._flash_calls_alone(q, k, v, n, False)
+    alone = bench._packed_shapes(q, k, v, n, False)
     assert sorted(shape for shape, _ in made) == sorted(tuple(call[0].shape) for call in alone)
     global_heads = next(call[0] for call in alone if call[0].shape[0] == 1)
     assert (tuple(global_heads.shape), global_heads.stride()) in made
 
 
-def test_flash_calls_alone_run_forward_and_backward():
+def test_packed_shapes_run_forward_and_backward():
     for backward in (False, True):
-        bench.kernel_case(bench.FLASH_CALLS_ALONE, 64, torch.device("cpu"), torch.float32, backward)()
+        bench.kernel_case(bench.PACKED_SHAPES, 64, torch.device("cpu"), torch.float32, backward)()
+
+
+def test_ratios_pair_each_round_with_its_reference():
+    """A burst of load that slows one round slows both of its times: the per-round ratio stays, the median of
+    the ratios ignores the round it hit unevenly, and the ratio of the medians would not."""
+    times = {"kernel": [1.0, 4.0, 0.5, 6.0, 3.0], "reference": [2.0, 8.0, 1.0, 1.0, 6.0]}
+    assert bench.median_ratio(times, "kernel", "reference") == 0.5
+    assert statistics.median(times["kernel"]) / statistics.median(times["reference"]) == 1.5
+    assert bench.median_ratio(times, "reference", "reference") == 1.0

@@ -16,7 +16,9 @@ way it runs its backward (a few heads at a time, which at some lengths is itself
     python -m sigma_ref bench --train-step     # the tiny model's training step, SIGMA vs standard
 
 Every ratio is the median over interleaved rounds of a time over its reference's time in the same round, on
-the same inputs: this machine is shared and noisy, and only side-by-side ratios are meaningful. Memory is the
+the same inputs: this machine is shared and noisy, and only side-by-side ratios are meaningful. The dense
+mask and FlexAttention, which allocate and free up to gigabytes per call, are timed in rounds of their own
+(with standard causal SDPA again as their reference), so they do not disturb the other kernels. Memory is the
 growth of the peak resident size during one forward+backward (inputs made before it and not counted; outputs,
 gradients and temporaries counted), the median of three fresh processes with glibc's mmap threshold fixed so
 that the resident size follows the live tensors (CPU), or torch.cuda.max_memory_allocated (CUDA).
@@ -212,24 +214,29 @@ def timing_table(sizes, device, dtype, repeats, progress=True) -> Table:
                   "the reference being standard causal SDPA for kernels, flash causal for SIGMA flash, the "
                   "StandardAttention module for modules)",
                   ["N", "what", "fwd ms", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio"])
+    # Three round-robin groups, each holding its reference: the dense mask and FlexAttention allocate and free
+    # up to gigabytes per call, which would disturb whatever ran after them in a round; modules with modules.
+    slow = ["SIGMA sdpa (dense mask)", "SIGMA flex"]
+    groups = [[name for name in names if name not in slow], [REFERENCE["kernel"], *slow], modules]
     jobs = [(n, backward) for n in sizes for backward in (False, True)]
-    rows = {}
+    rows = {(n, name): [n, name, None, None, None, None] for n in sizes for name in names + modules}
     for n, backward in tqdm(jobs, desc=f"bench {device.type}", disable=not progress):
-        fns = {}
-        for name in names + modules:
-            if name == "SIGMA flex" and backward and device.type == "cpu":
-                continue                                 # FlexAttention has no backward on CPU
-            if name in modules:
-                fns[name] = module_case(name.split("Attention")[0].lower(), n, device, dtype, backward)
-            else:
-                fns[name] = kernel_case(name, n, device, dtype, backward)
-        times = interleaved_times(fns, repeats, sync=sync)
-        for name in names + modules:
-            row = rows.setdefault((n, name), [n, name, None, None, None, None])
-            if name in times:
-                col = 4 if backward else 2
-                row[col] = statistics.median(times[name]) * 1e3
-                row[col + 1] = median_ratio(times, name, reference_for(name))
+        col = 4 if backward else 2
+        for group in groups:
+            fns = {}
+            for name in group:
+                if name == "SIGMA flex" and backward and device.type == "cpu":
+                    continue                                 # FlexAttention has no backward on CPU
+                if name in modules:
+                    fns[name] = module_case(name.split("Attention")[0].lower(), n, device, dtype, backward)
+                else:
+                    fns[name] = kernel_case(name, n, device, dtype, backward)
+            times = interleaved_times(fns, repeats, sync=sync)
+            for name in times:
+                if rows[n, name][col] is None:               # the reference's row: from the first group
+                    rows[n, name][col] = statistics.median(times[name]) * 1e3
+                    rows[n, name][col + 1] = median_ratio(times, name, reference_for(name))
+            del fns, times
     table.rows = list(rows.values())
     return table
 

@@ -43,3 +43,21 @@ def test_ratios_pair_each_round_with_its_reference():
     assert bench.median_ratio(times, "kernel", "reference") == 0.5
     assert statistics.median(times["kernel"]) / statistics.median(times["reference"]) == 1.5
     assert bench.median_ratio(times, "reference", "reference") == 1.0
+
+
+def test_every_round_holds_its_reference_and_the_dense_mask_runs_apart(monkeypatch):
+    """Each timed group holds the reference its rows divide by; the dense mask (gigabytes allocated and freed
+    per call at long lengths) is never in a round with the packed kernels or the modules."""
+    groups = []
+    timed = bench.interleaved_times
+
+    def recording(fns, repeats, **kwargs):
+        groups.append(set(fns))
+        return timed(fns, 1, **kwargs)
+
+    monkeypatch.setattr(bench, "interleaved_times", recording)
+    table = bench.timing_table([64], torch.device("cpu"), torch.float32, repeats=1, progress=False)
+    assert all(bench.reference_for(name) in group for group in groups for name in group)
+    assert not any("SIGMA sdpa (dense mask)" in group and ({"SIGMA packed", "SigmaAttention module"} & group)
+                   for group in groups)
+    assert all(row[2] is not None and row[4] is not None for row in table.rows if row[1] != "SIGMA flex")

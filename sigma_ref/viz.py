@@ -324,7 +324,7 @@ def benchmark_figure(results: dict, title: str = "") -> plt.Figure:
     tables = {t["title"].split(",")[0]: t for t in results["tables"]}
     time_rows = next(t for name, t in tables.items() if name.startswith("Attention time"))["rows"]
     memory = [t for name, t in tables.items() if name.startswith("Peak memory")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     panels = [(axes[0], {(n, what): ratio for n, what, _, _, _, ratio in time_rows}, "forward+backward time")]
     if memory:
         panels.append((axes[1], {(n, what): ratio for n, what, _, ratio in memory[0]["rows"]}, "peak memory growth"))
@@ -343,7 +343,7 @@ def benchmark_figure(results: dict, title: str = "") -> plt.Figure:
         ax.set_xlabel("sequence length N (half the tokens image)")
         ax.set_ylabel(f"{quantity} / standard")
         ax.set_title(quantity)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)   # below: hides no line
     fig.suptitle(title or f"SIGMA vs standard attention ({results.get('machine', '')})", fontsize=9)
     fig.tight_layout()
     return fig

@@ -62,6 +62,8 @@ def interleaved_times(fns: dict, repeats: int, warmup: int = 1, sync=lambda: Non
     drift land on one candidate; interleaving spreads it over all of them, and each round times every
     candidate within a few seconds of the others.
     """
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a whole number of rounds, at least 1, got {repeats!r}")
     for fn in fns.values():
         for _ in range(warmup):
             fn()

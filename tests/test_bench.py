@@ -61,3 +61,9 @@ def test_every_round_holds_its_reference_and_the_dense_mask_runs_apart(monkeypat
     assert not any("SIGMA sdpa (dense mask)" in group and ({"SIGMA packed", "SigmaAttention module"} & group)
                    for group in groups)
     assert all(row[2] is not None and row[4] is not None for row in table.rows if row[1] != "SIGMA flex")
+
+
+@pytest.mark.parametrize("repeats", [0, -2, 1.5])
+def test_a_benchmark_needs_at_least_one_round(repeats):
+    with pytest.raises(ValueError, match=r"repeats must be .* at least 1, got"):
+        bench.interleaved_times({"noop": lambda: None}, repeats)

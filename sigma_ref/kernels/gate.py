@@ -20,6 +20,17 @@ def gate_logits(x, gate_weight, table, ids):
     return logits if table is None else logits + F.embedding(ids, table)  # = table[ids], faster backward
 
 
+def gate_values(x, gate_weight, table, ids):
+    """sigmoid(x W_g^T + T[ids]) [B, S, D], without autograd, in ONE buffer: the bias added and the sigmoid
+    taken in place. Why: at long sequences every fresh [B, S, D] buffer is 8 MiB or more, which the allocator
+    may take from the OS page by page (page faults cost more than the addition itself). The same ops as
+    `gate_logits` + sigmoid, so the same bits."""
+    logits = F.linear(x, gate_weight)                                     # [B, S, D]
+    if table is not None:
+        logits += F.embedding(ids, table)
+    return logits.sigmoid_()
+
+
 class GatedOutputProjection(torch.autograd.Function):
     """y = o_proj(sigmoid(x W_g^T + T[ids]) * o), the gated layers' last step, as one autograd step.
 
@@ -41,9 +52,8 @@ class GatedOutputProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, o, gate_weight, table, ids, out_weight):
-        gate = torch.sigmoid(gate_logits(x, gate_weight, table, ids))
         ctx.save_for_backward(x, o, gate_weight, table, ids, out_weight)
-        return F.linear(o * gate, out_weight)
+        return F.linear(gate_values(x, gate_weight, table, ids).mul_(o), out_weight)      # the gate not kept
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -56,14 +66,15 @@ class GatedOutputProjection(torch.autograd.Function):
 def gated_output_backward(grad_y, x, o, gate_weight, table, ids, out_weight):
     """The backward of y = o_proj(sigmoid(x W_g^T + T[ids]) * o), the gate recomputed, not stored:
     (dx [B, S, D] (the gate's share), do [B, S, D], dW_g, dT or None, dW_o). The same ops as autograd's, in an
-    order (and partly in place) that keeps at most three [B, S, D] temporaries alive at once; layer.py uses it
-    too."""
+    order (and partly in place) that keeps at most three [B, S, D] temporaries alive at once, and allocates
+    only four; layer.py uses it too."""
     D = o.shape[-1]
-    gate = torch.sigmoid(gate_logits(x, gate_weight, table, ids))               # recomputed, not stored
+    gate = gate_values(x, gate_weight, table, ids)                              # recomputed, not stored
     grad_y2 = grad_y.reshape(-1, D)                                              # [B*S, D]
-    grad_out_weight = grad_y2.t().mm((o * gate).reshape(-1, D))
+    gated = o * gate
+    grad_out_weight = grad_y2.t().mm(gated.reshape(-1, D))
     grad_gated = grad_y2.mm(out_weight).view_as(o)
-    grad_o = grad_gated * gate
+    grad_o = torch.mul(grad_gated, gate, out=gated)        # o_proj's input is used up: its buffer takes grad_o
     grad_logits = grad_gated.mul_(o)                       # now the gate's gradient, and in place below ...
     torch.ops.aten.sigmoid_backward.grad_input(grad_logits, gate, grad_input=grad_logits)     # ... the logits'
     del grad_gated, gate

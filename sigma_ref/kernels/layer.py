@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gate import gate_logits, gated_output_backward
+from .gate import gate_values, gated_output_backward
 from .packed import PackPlan, packed_backward_chunks, packed_forward
 
 
@@ -42,12 +42,11 @@ class GatedPackedLayer(torch.autograd.Function):
         q, k, v = (F.linear(x, w).view(batch, seq_len, num_heads, -1).transpose(1, 2)      # [B, H, S, d]
                    for w in (q_weight, k_weight, v_weight))
         out, lse_intra, lse_global = packed_forward(q, k, v, plan, num_intra_heads)        # [B, S, H, d]
-        o = out.view(batch, seq_len, D)
-        gate = torch.sigmoid(gate_logits(x, gate_weight, table, ids))                       # [B, S, D]
+        gated = gate_values(x, gate_weight, table, ids).mul_(out.view(batch, seq_len, D))    # [B, S, D]
         ctx.plan, ctx.num_intra_heads = plan, num_intra_heads
         ctx.save_for_backward(x, q, k, v, out, lse_intra, lse_global, q_weight, k_weight, v_weight, gate_weight,
                               table, out_weight, ids)
-        return F.linear(o * gate, out_weight)
+        return F.linear(gated, out_weight)
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -15,6 +15,7 @@ The package map, one concept per module, imports flowing one way (each module im
     evaluate      exact match, slot accuracy, dilution; loading a trained model
     probes        latte measurements: cross-modal mass, contamination, gates, sinks
     optim         Muon with a float32 Newton-Schulz iteration (fast on CPUs too)
+    floors        what SIGMA would cost with an overhead taken away, timed beside it by bench
     train         TrainConfig, presets, Trainer, checkpoints
     viz           matplotlib figures drawn from arrays and results
     experiments   ensure_trained, compare, summary tables, which figures a run gets
@@ -62,7 +63,7 @@ from .runtime import course_preset, course_seeds, fast_mode
 
 __version__ = "0.2.0"
 
-_LAZY_MODULES = ("model", "data", "evaluate", "probes", "optim", "train", "viz", "experiments", "widgets", "bench", "speedrun", "gpucheck", "dilution", "runtime")
+_LAZY_MODULES = ("model", "data", "evaluate", "probes", "optim", "floors", "train", "viz", "experiments", "widgets", "bench", "speedrun", "gpucheck", "dilution", "runtime")
 _LAZY_NAMES = {"TinyMLLM": "model", "ModelConfig": "model"}
 
 

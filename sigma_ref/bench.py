@@ -4,12 +4,16 @@ Why it can be: SIGMA's intra heads attend only within a modality. With half the 
 head sees two causal sequences of N/2 instead of one of N: half the work. Half the heads are intra, so the
 FLOP floor is 0.75x standard causal attention. A kernel only gets there if it SKIPS the cross-modal blocks:
 a dense boolean mask makes SDPA compute every block and then throw the masked ones away (ratio > 1), while
-the `packed` kernel gathers each modality into its own segment and never computes them. The row "causal
-SDPA on the packed shapes" does the same attention work as packing with nothing gathered: plain causal SDPA
-over the global heads and over the two modality segments, on inputs laid out for it beforehand. Its gap to
-0.75x is the kernel's (a causal kernel computes whole tiles on the diagonal, a larger share of a shorter
-sequence); the gap between it and "SIGMA packed" is packing's own work (gathers, scatters, copies) and the
-way it runs its backward (a few heads at a time, which at some lengths is itself faster).
+the `packed` kernel gathers each modality into its own segment and never computes them. Beside the real
+thing the tables time floors (floors.py): the same work with an overhead taken away.
+- "causal SDPA on the packed shapes": packing's attention work with nothing gathered. Its gap to 0.75x is the
+  kernel's (a causal kernel computes whole tiles on the diagonal, a larger share of a shorter sequence); the
+  gap between it and "SIGMA packed" is packing's own work (gathers, scatters, copies) and the way it runs its
+  backward (a few heads at a time, which at some lengths is itself faster).
+- "SigmaAttention module, packing free": SIGMA's exact function where packing is a view (text then image,
+  each one contiguous half); what the module would cost if gathering cost nothing.
+- "standard + the gate's arithmetic": a standard training step plus the bare matmul, sigmoid and product of
+  one elementwise gate per layer; no gated step (Gated Attention's or SIGMA's) can cost less.
 
     python -m sigma_ref bench [--out FILE.json] [--sizes 512 2048 4096 8192] [--repeats 7]
     python -m sigma_ref bench --crossover      # packed vs dense sdpa at short lengths (sets "auto")
@@ -41,6 +45,8 @@ from tqdm.auto import tqdm
 from . import kernels
 from .attention import ATTENTIONS, AttentionConfig, make_attention
 from .data import DataStream
+from .floors import (FREE_PACKING_MODULE, GATE_ARITHMETIC, PACKED_SHAPES, free_packing_case, gate_arithmetic_case,
+                     packed_shapes)
 from .masks import layout
 from .runtime import machine_description
 from .train import Trainer, get_preset
@@ -101,30 +107,12 @@ def _qkv(n, device, dtype, requires_grad):
             .requires_grad_(requires_grad) for _ in range(3)]
 
 
-# The packed path's attention work done by plain causal SDPA, on inputs already laid out for it: nothing
-# gathered, scattered or copied. What this row costs above 0.75x is the kernel's (its tiles on the diagonal of
-# each segment); what "SIGMA packed" costs above this row is packing's bookkeeping (the module docstring).
-PACKED_SHAPES = "causal SDPA on the packed shapes"
-
-
-def _packed_shapes(q, k, v, n: int, backward: bool):
-    """The (q, k, v) of each causal attention call packed SIGMA makes on half_image_layout(n): the global heads
-    over all n tokens (views of the inputs, as packed.py passes them) and the intra heads over the two
-    segments (text n/4 + n/4 tokens, image n - 2 * (n // 4)), padded to the longer one as packed.py pads."""
-    half = BENCH_HEADS // 2
-    segment = n - 2 * (n // 4)
-    g = torch.Generator().manual_seed(1)
-    intra = [torch.randn(2, segment, half, BENCH_HEAD_DIM, generator=g).to(q.device, q.dtype).transpose(1, 2)
-             .requires_grad_(backward) for _ in range(3)]                                 # [2, H/2, N/2, d]
-    return [tuple(t[:, half:] for t in (q, k, v)), tuple(intra)]
-
-
 def kernel_case(name: str, n: int, device, dtype, backward: bool):
     """A callable running one kernel on B=1, H=8, d=64, half image; `name` picks the kernel."""
     q, k, v = _qkv(n, device, dtype, backward)
     ids = half_image_layout(n)[None].to(device)
     if name == PACKED_SHAPES:
-        calls = _packed_shapes(q, k, v, n, backward)
+        calls = packed_shapes(q, k, v, n, backward)
         run_all = lambda: [torch.nn.functional.scaled_dot_product_attention(*qkv, is_causal=True) for qkv in calls]
         if not backward:
             def forward():
@@ -153,10 +141,15 @@ def kernel_case(name: str, n: int, device, dtype, backward: bool):
     return lambda: torch.autograd.grad(run(), (q, k, v), grad)
 
 
+def module_config() -> AttentionConfig:
+    """The benchmarked modules' configuration: D = 8 * 64 = 512, half the heads intra, backend "auto"."""
+    return AttentionConfig(hidden_size=BENCH_HEADS * BENCH_HEAD_DIM, num_heads=BENCH_HEADS, backend="auto")
+
+
 def module_case(kind: str, n: int, device, dtype, backward: bool):
     """A callable running a full attention module (projections and gates included), D = 8 * 64 = 512."""
     torch.manual_seed(0)
-    config = AttentionConfig(hidden_size=BENCH_HEADS * BENCH_HEAD_DIM, num_heads=BENCH_HEADS, backend="auto")
+    config = module_config()
     module = make_attention(kind, config).to(device, dtype)
     x = torch.randn(1, n, config.hidden_size, device=device, dtype=dtype, requires_grad=backward)
     ids = half_image_layout(n).to(device)
@@ -174,7 +167,7 @@ REFERENCE = {"kernel": "standard causal SDPA", "flash": "flash causal (all heads
 
 def reference_for(name: str) -> str:
     """What a row's ratio divides by: like with like, measured in the same run."""
-    if name.endswith("module"):
+    if name.endswith("module") or name == FREE_PACKING_MODULE:
         return REFERENCE["module"]
     return REFERENCE["flash"] if name == "SIGMA flash" else REFERENCE["kernel"]
 
@@ -210,7 +203,7 @@ def timing_table(sizes, device, dtype, repeats, progress=True) -> Table:
     """Median ms and ratio to standard causal SDPA, forward and forward+backward, kernels then modules."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     names = available_kernels(device, dtype)
-    modules = ["StandardAttention module", "GatedAttention module", "SigmaAttention module"]
+    modules = ["StandardAttention module", "GatedAttention module", "SigmaAttention module", FREE_PACKING_MODULE]
     table = Table(f"Attention time, {device.type} {str(dtype).replace('torch.', '')}, B=1 H=8 d=64, half image "
                   "(median ms; ratio: the median over rounds of the time over its reference's in the same round, "
                   "the reference being standard causal SDPA for kernels, flash causal for SIGMA flash, the "
@@ -229,7 +222,9 @@ def timing_table(sizes, device, dtype, repeats, progress=True) -> Table:
             for name in group:
                 if name == "SIGMA flex" and backward and device.type == "cpu":
                     continue                                 # FlexAttention has no backward on CPU
-                if name in modules:
+                if name == FREE_PACKING_MODULE:
+                    fns[name] = free_packing_case(module_config(), n, device, dtype, backward)
+                elif name in modules:
                     fns[name] = module_case(name.split("Attention")[0].lower(), n, device, dtype, backward)
                 else:
                     fns[name] = kernel_case(name, n, device, dtype, backward)
@@ -326,6 +321,11 @@ def training_step_table(progress: bool = True, preset: str = "cpu", repeats: int
     for attention in tqdm(ATTENTIONS, desc="train step", disable=not progress):
         trainer = Trainer(attention, config, 0, device="cpu")
         steps[attention] = lambda trainer=trainer: trainer.train_step(batch)
+    # The floor of any elementwise gate (Gated Attention's and SIGMA's): a standard step (its own trainer) and
+    # the gate's bare arithmetic on the step's shapes, nothing else.
+    trainer, rows = Trainer("standard", config, 0, device="cpu"), batch["tokens"].numel()
+    gate = gate_arithmetic_case(rows, config.hidden_size, config.num_layers)
+    steps[GATE_ARITHMETIC] = lambda: (trainer.train_step(batch), gate())
     times = interleaved_times(steps, repeats, warmup=3)
     for attention, t in times.items():
         table.rows.append([attention, statistics.median(t) * 1e3, median_ratio(times, attention, "standard")])

@@ -24,7 +24,7 @@ FLOORS = [
     ["model"],
     ["data"],
     ["evaluate"],
-    ["probes", "optim"],
+    ["probes", "optim", "floors"],
     ["train"],
     ["viz"],
     ["experiments", "widgets", "bench"],

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from . import kernels
 from .attention import ATTENTIONS, AttentionConfig, make_attention
 from .data import DataStream
-from .floors import (FREE_PACKING_MODULE, GATE_ARITHMETIC, PACKED_SHAPES, free_packing_case, gate_arithmetic_case,
+from .floors import (FREE_PACKING_MODULE, GATE_ARITHMETIC, PACKED_SHAPES, free_packing_forward, gate_arithmetic_case,
                      packed_shapes)
 from .masks import layout
 from .runtime import machine_description
@@ -146,19 +146,21 @@ def module_config() -> AttentionConfig:
     return AttentionConfig(hidden_size=BENCH_HEADS * BENCH_HEAD_DIM, num_heads=BENCH_HEADS, backend="auto")
 
 
-def module_case(kind: str, n: int, device, dtype, backward: bool):
-    """A callable running a full attention module (projections and gates included), D = 8 * 64 = 512."""
+def module_case(kind: str, n: int, device, dtype, backward: bool, call=None):
+    """A callable running a full attention module (projections and gates included), D = 8 * 64 = 512;
+    `call(module, x, ids)` instead of module(x, ids) where given (a floor computing the module's function)."""
     torch.manual_seed(0)
     config = module_config()
     module = make_attention(kind, config).to(device, dtype)
     x = torch.randn(1, n, config.hidden_size, device=device, dtype=dtype, requires_grad=backward)
     ids = half_image_layout(n).to(device)
+    run = lambda: module(x, ids) if call is None else call(module, x, ids)
     if not backward:
         def forward():
             with torch.no_grad():
-                module(x, ids)
+                run()
         return forward
-    return lambda: module(x, ids).sum().backward()
+    return lambda: run().sum().backward()
 
 
 REFERENCE = {"kernel": "standard causal SDPA", "flash": "flash causal (all heads)",
@@ -222,8 +224,9 @@ def timing_table(sizes, device, dtype, repeats, progress=True) -> Table:
             for name in group:
                 if name == "SIGMA flex" and backward and device.type == "cpu":
                     continue                                 # FlexAttention has no backward on CPU
-                if name == FREE_PACKING_MODULE:
-                    fns[name] = free_packing_case(module_config(), n, device, dtype, backward)
+                if name == FREE_PACKING_MODULE:        # SIGMA's function with packing free (on its own layout)
+                    fns[name] = module_case("sigma", n, device, dtype, backward,
+                                            lambda module, x, ids: free_packing_forward(module, x))
                 elif name in modules:
                     fns[name] = module_case(name.split("Attention")[0].lower(), n, device, dtype, backward)
                 else:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionConfig, SigmaAttention
+from .attention import SigmaAttention
 from .masks import layout
 
 PACKED_SHAPES = "causal SDPA on the packed shapes"
@@ -65,19 +65,6 @@ def free_packing_forward(module: SigmaAttention, x: torch.Tensor) -> torch.Tenso
     global_ = F.scaled_dot_product_attention(q[:, h:], k[:, h:], v[:, h:], is_causal=True)   # [1, H-h, n, d]
     o = torch.cat([intra.transpose(1, 2).reshape(1, n, h, d), global_.transpose(1, 2)], dim=2).view(1, n, D)
     return module.o_proj(o * module.gates(x, halves_layout(n)))                             # [1, n, D]
-
-
-def free_packing_case(config: AttentionConfig, n: int, device, dtype, backward: bool):
-    """A callable timing free_packing_forward (with backward: of y.sum(), as bench.module_case does)."""
-    torch.manual_seed(0)
-    module = SigmaAttention(config).to(device, dtype)
-    x = torch.randn(1, n, config.hidden_size, device=device, dtype=dtype, requires_grad=backward)
-    if not backward:
-        def forward():
-            with torch.no_grad():
-                free_packing_forward(module, x)
-        return forward
-    return lambda: free_packing_forward(module, x).sum().backward()
 
 
 def gate_arithmetic_case(rows: int, hidden_size: int, num_layers: int):

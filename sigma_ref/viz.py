@@ -315,7 +315,8 @@ if __name__ == "__main__":
 
 
 BENCH_SERIES = {"SIGMA packed": "tab:blue", "causal SDPA on the packed shapes": "tab:cyan",
-                "SIGMA sdpa (dense mask)": "tab:red", "SigmaAttention module": "tab:green"}
+                "SIGMA sdpa (dense mask)": "tab:red", "SigmaAttention module": "tab:green",
+                "SigmaAttention module, packing free": "tab:olive"}
 
 
 def benchmark_figure(results: dict, title: str = "") -> plt.Figure:

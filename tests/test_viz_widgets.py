@@ -141,3 +141,5 @@ def test_benchmark_figure_draws_time_and_memory_ratios_of_the_committed_run():
     packed = next(line for line in time_ax.get_lines() if line.get_label() == "SIGMA packed")
     assert list(packed.get_xdata()) == [512, 2048, 4096, 8192]
     assert {l.get_label() for l in memory_ax.get_lines()} >= {"SIGMA packed", "SigmaAttention module"}
+    floors = {"causal SDPA on the packed shapes", "SigmaAttention module, packing free"}
+    assert floors <= {l.get_label() for l in time_ax.get_lines()}     # each floor beside what it is the floor of

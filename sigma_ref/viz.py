@@ -319,6 +319,16 @@ BENCH_SERIES = {"SIGMA packed": "tab:blue", "causal SDPA on the packed shapes": 
                 "SigmaAttention module, packing free": "tab:olive"}
 
 
+def _ratio_label(ax):
+    """A log axis's tick label as a ratio ("0.8x"); on an axis spanning more than a factor 5, only the ticks
+    at 1, 2 and 5 times a power of ten, so the labels do not run into each other."""
+    def label(value, _):
+        low, high = ax.get_ylim()
+        leading = round(value / 10 ** np.floor(np.log10(value)), 6)
+        return f"{value:g}x" if high / low <= 5 or leading in (1, 2, 5) else ""
+    return label
+
+
 def benchmark_figure(results: dict, title: str = "") -> plt.Figure:
     """The results of `python -m sigma_ref bench --out FILE.json`: forward+backward time (left) and peak memory
     growth (right) of SIGMA's attention as a ratio to its standard reference, against the sequence length."""
@@ -341,6 +351,9 @@ def benchmark_figure(results: dict, title: str = "") -> plt.Figure:
             ax.axhline(0.75, color="grey", lw=1, ls="--", label="floor: half the heads do half the work")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_ratio_label(ax)))  # 0.8x, not 8x10^-1
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_ratio_label(ax)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
         ax.set_xlabel("sequence length N (half the tokens image)")
         ax.set_ylabel(f"{quantity} / standard")
         ax.set_title(quantity)

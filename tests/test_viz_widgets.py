@@ -143,3 +143,6 @@ def test_benchmark_figure_draws_time_and_memory_ratios_of_the_committed_run():
     assert {l.get_label() for l in memory_ax.get_lines()} >= {"SIGMA packed", "SigmaAttention module"}
     floors = {"causal SDPA on the packed shapes", "SigmaAttention module, packing free"}
     assert floors <= {l.get_label() for l in time_ax.get_lines()}     # each floor beside what it is the floor of
+    fig.canvas.draw()
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_yticklabels(minor=True) + ax.get_yticklabels()]
+    assert "1x" in labels and all(label.endswith("x") for label in labels if label), labels   # ratios, not 10^0

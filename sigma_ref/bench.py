@@ -46,19 +46,12 @@ from . import kernels
 from .attention import ATTENTIONS, AttentionConfig, make_attention
 from .data import DataStream
 from .floors import (FREE_PACKING_MODULE, GATE_ARITHMETIC, PACKED_SHAPES, free_packing_forward, gate_arithmetic_case,
-                     packed_shapes)
-from .masks import layout
+                     half_image_layout, packed_shapes)
 from .runtime import machine_description
 from .train import Trainer, get_preset
 
 BENCH_HEADS, BENCH_HEAD_DIM = 8, 64
 DEFAULT_SIZES = (512, 2048, 4096, 8192)
-
-
-def half_image_layout(n: int) -> torch.Tensor:
-    """Prompt text, an image block, caption text: "T n/4  I n/2  T n/4" (half the tokens image)."""
-    quarter = n // 4
-    return layout(f"T{quarter} I{n - 2 * quarter} T{quarter}")
 
 
 def interleaved_times(fns: dict, repeats: int, warmup: int = 1, sync=lambda: None) -> dict[str, list[float]]:
@@ -169,7 +162,7 @@ REFERENCE = {"kernel": "standard causal SDPA", "flash": "flash causal (all heads
 
 def reference_for(name: str) -> str:
     """What a row's ratio divides by: like with like, measured in the same run."""
-    if name.endswith("module") or name == FREE_PACKING_MODULE:
+    if "module" in name:                             # the modules, and the module's floor
         return REFERENCE["module"]
     return REFERENCE["flash"] if name == "SIGMA flash" else REFERENCE["kernel"]
 

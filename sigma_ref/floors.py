@@ -29,13 +29,19 @@ FREE_PACKING_MODULE = "SigmaAttention module, packing free"
 GATE_ARITHMETIC = "standard + the gate's arithmetic"
 
 
+def half_image_layout(n: int) -> torch.Tensor:
+    """Prompt text, an image block, caption text: "T n/4  I n/2  T n/4" (half the tokens image), the layout
+    every benchmark row runs on."""
+    quarter = n // 4
+    return layout(f"T{quarter} I{n - 2 * quarter} T{quarter}")
+
+
 def packed_shapes(q, k, v, n: int, backward: bool):
-    """The (q, k, v) of each causal attention call packed SIGMA makes on the half-image layout
-    "T n/4 I n/2 T n/4", q, k, v [1, H, n, d]: the global heads over all n tokens (views of the inputs, as
-    packed.py passes them) and the intra heads over the two segments (text n/4 + n/4 tokens, image
-    n - 2 * (n // 4)), padded to the longer one as packed.py pads."""
+    """The (q, k, v) of each causal attention call packed SIGMA makes on half_image_layout(n), q, k, v
+    [1, H, n, d]: the global heads over all n tokens (views of the inputs, as packed.py passes them) and the
+    intra heads over the two modality segments, padded to the longer one as packed.py pads."""
     half, head_dim = q.shape[1] // 2, q.shape[-1]
-    segment = n - 2 * (n // 4)
+    segment = int(torch.bincount(half_image_layout(n)).max())                     # the longer modality's tokens
     g = torch.Generator().manual_seed(1)
     intra = [torch.randn(2, segment, half, head_dim, generator=g).to(q.device, q.dtype).transpose(1, 2)
              .requires_grad_(backward) for _ in range(3)]                                 # [2, H/2, N/2, d]
@@ -64,7 +70,8 @@ def free_packing_forward(module: SigmaAttention, x: torch.Tensor) -> torch.Tenso
     intra = F.scaled_dot_product_attention(halves(q), halves(k), halves(v), is_causal=True)  # [2, h, n/2, d]
     global_ = F.scaled_dot_product_attention(q[:, h:], k[:, h:], v[:, h:], is_causal=True)   # [1, H-h, n, d]
     o = torch.cat([intra.transpose(1, 2).reshape(1, n, h, d), global_.transpose(1, 2)], dim=2).view(1, n, D)
-    return module.o_proj(o * module.gates(x, halves_layout(n)))                             # [1, n, D]
+    gate = module.gates(x, halves_layout(n))                                                # None: gates off
+    return module.o_proj(o if gate is None else o * gate)                                   # [1, n, D]
 
 
 def gate_arithmetic_case(rows: int, hidden_size: int, num_layers: int):

@@ -63,16 +63,18 @@ def test_every_round_holds_its_reference_and_the_dense_mask_runs_apart(monkeypat
     assert all(row[2] is not None and row[4] is not None for row in table.rows if row[1] != "SIGMA flex")
 
 
-@pytest.mark.parametrize("n, split", [(64, 4), (130, 4), (40, 2), (32, 8)])
-def test_free_packing_floor_is_sigma_on_the_halves_layout(n, split):
+@pytest.mark.parametrize("n, split, gates", [(64, 4, True), (130, 4, True), (40, 2, True), (32, 8, True),
+                                             (64, 4, False)])
+def test_free_packing_floor_is_sigma_on_the_halves_layout(n, split, gates):
     """The module floor computes SigmaAttention's own function (values and every gradient); only the packing
     is replaced by views, which the halves layout allows."""
     torch.manual_seed(n)
-    config = sr.AttentionConfig(hidden_size=64, num_heads=8, num_intra_heads=split,
+    config = sr.AttentionConfig(hidden_size=64, num_heads=8, num_intra_heads=split, use_gates=gates,
                                 bias_init=((0.5, -1.0), (1.5, 0.25)), backend="math")
     module = sr.SigmaAttention(config)
-    with torch.no_grad():
-        module.stream_bias.add_(0.1 * torch.randn_like(module.stream_bias))
+    if gates:
+        with torch.no_grad():
+            module.stream_bias.add_(0.1 * torch.randn_like(module.stream_bias))
     x = torch.randn(1, n, 64, requires_grad=True)
     grad = torch.randn(1, n, 64)
     wanted = module(x, floors.halves_layout(n))

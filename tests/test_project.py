@@ -90,11 +90,11 @@ def test_readme_bench_claims_match_the_committed_benchmark():
     standard_step_ms = next(ms for attention, ms, _ in tables["Tiny-model training step"] if attention == "standard")
     ms = lambda n, what: timing[n, what][0]
     text = " ".join((ROOT / "README.md").read_text().split())
-    shapes = "causal SDPA on the packed shapes"
+    shapes = floors.PACKED_SHAPES
     projection_ms = (ms(4096, "StandardAttention module") - ms(4096, "standard causal SDPA")) / 12
     sigma_beside_kernel = ms(4096, "SigmaAttention module") - ms(4096, "SIGMA packed")
     crossover = {n: ratio for n, _, _, ratio in tables["Crossover"]}
-    free = "SigmaAttention module, packing free"
+    free = floors.FREE_PACKING_MODULE
     claims = [
         f"{timing[4096, 'SIGMA packed'][1]:.3f}x standard causal SDPA at N=4096 and "
         f"{timing[8192, 'SIGMA packed'][1]:.3f}x at N=8192",

@@ -66,8 +66,8 @@ class GatedOutputProjection(torch.autograd.Function):
 def gated_output_backward(grad_y, x, o, gate_weight, table, ids, out_weight):
     """The backward of y = o_proj(sigmoid(x W_g^T + T[ids]) * o), the gate recomputed, not stored:
     (dx [B, S, D] (the gate's share), do [B, S, D], dW_g, dT or None, dW_o). The same ops as autograd's, in an
-    order (and partly in place) that keeps at most three [B, S, D] temporaries alive at once, and allocates
-    only four; layer.py uses it too."""
+    order (and partly in place) that keeps at most three [B, S, D] temporaries alive at once; layer.py uses it
+    too."""
     D = o.shape[-1]
     gate = gate_values(x, gate_weight, table, ids)                              # recomputed, not stored
     grad_y2 = grad_y.reshape(-1, D)                                              # [B*S, D]

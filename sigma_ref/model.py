@@ -195,6 +195,14 @@ class TinyMLLM(nn.Module):
         row = content.cumsum(0) * content               # content patch -> its row in `distinct`; background -> 0
         return self.patch_embedding(distinct)[row]                                  # [N, H]
 
+    def real_tokens(self, batch: dict) -> torch.Tensor:
+        """[B, S] bool, False at right padding: `batch["valid"]` when given, else the pad tokens that have no
+        real token after them. generate() passes "valid", since a `<pad>` the model generates is a real token."""
+        if "valid" in batch:
+            return batch["valid"]
+        not_pad = batch["tokens"] != self.config.pad_id
+        return not_pad.flip(-1).cumsum(-1).flip(-1) > 0
+
     def forward(self, batch: dict, return_details: bool = False, caches: list | None = None) -> ModelOutput:
         # THE PRECISION POLICY, in one place: a bfloat16 model computes every forward under bf16 autocast, in
         # training, validation, the probes, evaluate and generate alike, on CUDA and on CPU. (The flash kernels
@@ -208,9 +216,7 @@ class TinyMLLM(nn.Module):
         x = self.embed(batch)
         # One layout per forward: the modality ids are checked once here, and every layer shares the masks or
         # packing plan derived from them. Padding (right only) is skipped by the packing kernels.
-        not_pad = batch["tokens"] != self.config.pad_id
-        trailing_pad = ~(not_pad.flip(-1).cumsum(-1).flip(-1) > 0)   # pad tokens with no real token after them
-        layout = prepare_layout(batch["modality"], x, ~trailing_pad)
+        layout = prepare_layout(batch["modality"], x, self.real_tokens(batch))
         hidden, details = [], []
         for i, block in enumerate(self.blocks):
             hidden.append(x)
@@ -241,8 +247,9 @@ class TinyMLLM(nn.Module):
         if not (batch["tokens"][:, -1] == self.config.answer_id).all():
             raise ValueError("generate: every prompt must end with the answer token (same length, no padding); "
                              "group prompts by length first (evaluate.evaluate does)")
-        fields = ("tokens", "modality", "patch_index", "text_position", "patches")
-        seq = {k: batch[k] for k in fields}
+        fields = ("tokens", "modality", "patch_index", "text_position", "patches", "valid")
+        seq = {k: batch[k] for k in fields[:-1]}
+        seq["valid"] = torch.ones_like(seq["tokens"], dtype=torch.bool)     # prompts and generated tokens alike
         caches = [KVCache() for _ in self.blocks] if use_cache else None
         step_input = seq
         finished = torch.zeros(len(seq["tokens"]), dtype=torch.bool, device=seq["tokens"].device)
@@ -253,7 +260,8 @@ class TinyMLLM(nn.Module):
             new = {"tokens": next_token[:, None], "modality": torch.full_like(next_token[:, None], TEXT),
                    "patch_index": torch.zeros_like(next_token[:, None]),
                    "text_position": seq["text_position"][:, -1:] + 1,
-                   "patches": seq["patches"].new_zeros(len(next_token), 1, seq["patches"].shape[-1])}
+                   "patches": seq["patches"].new_zeros(len(next_token), 1, seq["patches"].shape[-1]),
+                   "valid": torch.ones_like(next_token[:, None], dtype=torch.bool)}
             seq = {k: torch.cat([seq[k], new[k]], dim=1) for k in fields}
             step_input = new if use_cache else seq
             if finished.all():

@@ -36,6 +36,45 @@ def test_kv_cache_generation_equals_full_recomputation(attention):
         assert cached == full
 
 
+def logits_of_each_step(model, batch, use_cache, steps):
+    """The last-position logits of every forward pass generate() makes: what its greedy choice reads."""
+    seen, forward = [], model.forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        seen.append(out.logits[:, -1])
+        return out
+
+    model.forward = spy
+    try:
+        tokens = model.generate(batch, max_new_tokens=steps, use_cache=use_cache)
+    finally:
+        del model.forward
+    return tokens, torch.stack(seen)
+
+
+@pytest.mark.parametrize("attention", ["standard", "gated", "sigma"])
+def test_a_generated_pad_token_is_a_real_token_cached_or_not(attention):
+    """A pad token the model generates is part of the sequence, not right padding.
+
+    The config's pad_id only tells the model which token marks padding, so setting it to a token this model
+    generates makes the next steps follow a generated `<pad>`; cached and uncached decoding must agree there.
+    """
+    fields, batch = D.model_fields(), prompts(1)[0]
+    special = {fields["eos_id"], fields["answer_id"]}
+    for seed in range(20):                  # a random model that generates an ordinary word early on
+        torch.manual_seed(seed)
+        model = TinyMLLM(ModelConfig(attention=attention, hidden_size=32, num_layers=2, num_heads=4, **fields)).eval()
+        words = [t for t in model.generate(batch, max_new_tokens=4)[0] if t not in special]
+        if words:
+            break
+    model.config.pad_id = words[0]
+    cached, cached_logits = logits_of_each_step(model, batch, True, 6)
+    full, full_logits = logits_of_each_step(model, batch, False, 6)
+    assert words[0] in cached[0] and cached == full
+    torch.testing.assert_close(cached_logits, full_logits, atol=1e-5, rtol=1e-5)
+
+
 def test_cached_logits_equal_full_logits():
     """Stronger than equal argmax: every decoding step's logits match the full forward pass."""
     torch.manual_seed(1)

@@ -123,27 +123,45 @@ def causal_mask_mod(b, h, q_idx, kv_idx):
     return kv_idx <= q_idx
 
 
-def intra_mask_mod(modality_ids: torch.Tensor):
-    """FlexAttention mask_mod of `intra_mask` for ids of shape [B, n] (or [n], shared by all rows)."""
-    ids = validate_modality_ids(modality_ids, "modality_ids")
-    ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
+def _same_group(group_ids: torch.Tensor):
+    """same(b, q_idx, kv_idx): do query and key sit in the same group? group_ids [B, n] or [n], checked."""
+    ids = group_ids if group_ids.dim() == 2 else group_ids.unsqueeze(0)
     shared = ids.shape[0] == 1
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def same(b, q_idx, kv_idx):
         row = ids[0] if shared else ids[b]
-        return (kv_idx <= q_idx) & (row[q_idx] == row[kv_idx])
+        return row[q_idx] == row[kv_idx]
+
+    return same
+
+
+def intra_mask_mod(modality_ids: torch.Tensor):
+    """FlexAttention mask_mod of `intra_mask` for ids of shape [B, n] (or [n], shared by all rows)."""
+    same = _same_group(validate_modality_ids(modality_ids, "modality_ids"))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & same(b, q_idx, kv_idx)
+
+    return mask_mod
+
+
+def grouped_mask_mod(group_ids: torch.Tensor, num_grouped_heads: int):
+    """FlexAttention mask_mod: heads below num_grouped_heads causal within groups, the rest plain causal.
+
+    group_ids [B, n] (or [n]) may hold any ids >= 0 (two modalities, or one group per image); the caller
+    checks them (kernels.GroupLayout does). `sigma_mask_mod` is this with modality ids as the groups.
+    """
+    same = _same_group(group_ids)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & ((h >= num_grouped_heads) | same(b, q_idx, kv_idx))
 
     return mask_mod
 
 
 def sigma_mask_mod(modality_ids: torch.Tensor, num_intra_heads: int):
     """FlexAttention mask_mod of `sigma_mask`: heads below num_intra_heads use the intra mask."""
-    intra = intra_mask_mod(modality_ids)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return torch.where(h < num_intra_heads, intra(b, h, q_idx, kv_idx), kv_idx <= q_idx)
-
-    return mask_mod
+    return grouped_mask_mod(validate_modality_ids(modality_ids, "modality_ids"), num_intra_heads)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -81,6 +81,28 @@ def test_flex_forward_matches_math(ids, split):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@settings(max_examples=10)
+@given(st.integers(1, 2), st.integers(1, 40), st.integers(3, 5), st.data())
+def test_every_backend_takes_more_than_two_groups(batch, seq_len, num_groups, data):
+    """The contract says "groups", not "modalities": any non-negative ids, e.g. one group per image."""
+    ids = torch.tensor([data.draw(st.lists(st.integers(0, num_groups - 1), min_size=seq_len, max_size=seq_len))
+                        for _ in range(batch)])
+    q, k, v = random_qkv(ids, heads=2, dim=16)
+    expected = by_definition(q, k, v, ids)
+    with torch.no_grad():
+        for backend in ["math", "sdpa", "packed", "flex"]:
+            out, _ = sr.grouped_causal_attention(q, k, v, ids, backend=backend)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{backend}: {m}")
+
+
+def test_grouped_errors_name_group_ids():
+    q = torch.randn(1, 2, 4, 8)
+    for backend in ["math", "sdpa", "packed", "flex"]:
+        with pytest.raises(ValueError, match="^group_ids must be >= 0"):
+            with torch.no_grad():
+                sr.grouped_causal_attention(q, q, q, torch.tensor([[0, 1, -1, 2]]), backend=backend)
+
+
 def test_flex_refuses_backward_on_cpu_with_a_clear_message():
     ids = sr.layout("T3 I5")[None]
     q, k, v = random_qkv(ids, requires_grad=True)

@@ -21,7 +21,7 @@ import shutil
 import torch
 import torch.nn.functional as F
 
-from ..masks import causal_mask_mod, sigma_mask_mod
+from ..masks import causal_mask_mod, grouped_mask_mod
 from .layout import GroupLayout
 
 
@@ -58,7 +58,7 @@ def flex_attention(q, k, v, layout: GroupLayout, num_intra_heads: int):
         if num_intra_heads == 0:
             return create_block_mask(causal_mask_mod, None, None, length, length, device=q.device)
         ids = F.pad(layout.ids, (0, length - seq_len))                         # [B, length]
-        return create_block_mask(sigma_mask_mod(ids, num_intra_heads), batch, heads, length, length, device=q.device)
+        return create_block_mask(grouped_mask_mod(ids, num_intra_heads), batch, heads, length, length, device=q.device)
 
     block_mask = layout.memo(("flex", num_intra_heads, heads), build)
     pad = (0, 0, 0, length - seq_len)                                           # [B, H, S, d] -> [B, H, length, d]

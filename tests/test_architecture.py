@@ -3,6 +3,7 @@
 import ast
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -136,10 +137,16 @@ def test_wheel_carries_the_data_and_works_from_elsewhere(tmp_path):
     for split in ("CARD.md", "vocab.json", "test.jsonl", "validation.jsonl", "compositional.jsonl", "text_only.jsonl"):
         assert f"sigma_ref/splits/{split}" in names
     assert "sigma_ref/kernels/packed.py" in names
-    # Install it alone into a virtual environment that sees this interpreter's torch, and use it from /tmp.
+    # Install it alone into a fresh virtual environment and use it from /tmp. The venv sees this interpreter's
+    # packages (torch) through a .pth file naming its site-packages; `--system-site-packages` would not do:
+    # it shows the BASE interpreter's packages, which lack torch when the tests themselves run in a venv.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
+    venv_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip()
+    ours = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
+    Path(venv_site, "outer_site_packages.pth").write_text("\n".join(sorted(ours)) + "\n")
     subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True)
     elsewhere = dict(cwd=tmp_path, check=True, capture_output=True, text=True)
     location = subprocess.run([python, "-c", "import sigma_ref; print(sigma_ref.__file__)"], **elsewhere).stdout

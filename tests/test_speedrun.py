@@ -30,7 +30,7 @@ def test_time_to_target_reports_the_step_and_seconds_where_training_stopped():
     jobs = [{"attention": "sigma", "seed": 0, "config": reached}, {"attention": "gated", "seed": 1, "config": missed}]
     first, second = speedrun.run_to_target(jobs, workers=1, progress=False)
     assert first["reached"] and first["step"] == 4 and first["seconds"] > 0
-    assert not second["reached"] and second["step"] == TINY.steps and second["seconds"] > first["seconds"] * 0.5
+    assert not second["reached"] and second["step"] == TINY.steps and second["seconds"] > 0
     assert (first["attention"], first["seed"], second["attention"], second["seed"]) == ("sigma", 0, "gated", 1)
     for result in (first, second):
         assert 0 <= result["caption_exact_match"] <= 1 and 0 <= result["compositional_exact_match"] <= 1

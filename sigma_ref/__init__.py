@@ -5,8 +5,10 @@
     attn = sr.SigmaAttention(sr.AttentionConfig(hidden_size=128, num_heads=8))
     y, details = attn(x, ids, return_details=True)     # x: [B, S, 128]
 
-The package map, one concept per module, imports flowing one way (each module imports only modules above it):
+THE CORE, what a learner reads beside the notebooks, one concept per module; imports flow one way (each
+module imports only modules above it):
 
+    runtime       fast mode, device, threads, where runs live, atomic writes (imports nothing of ours)
     masks         modality ids, layouts, the causal / intra / per-head masks, FlexAttention mask_mods
     kernels/      causal attention within groups: the contract and ONE dispatcher; one file per backend
     attention     AttentionConfig, StandardAttention, GatedAttention (Qwen G1), SigmaAttention
@@ -15,19 +17,20 @@ The package map, one concept per module, imports flowing one way (each module im
     evaluate      exact match, slot accuracy, dilution; loading a trained model
     probes        latte measurements: cross-modal mass, contamination, gates, sinks
     optim         Muon with a float32 Newton-Schulz iteration (fast on CPUs too)
-    floors        what SIGMA would cost with an overhead taken away, timed beside it by bench
     train         TrainConfig, presets, Trainer, checkpoints
     viz           matplotlib figures drawn from arrays and results
-    experiments   ensure_trained, compare, summary tables, which figures a run gets
     widgets       ipywidgets panels over plain, tested callbacks
-    bench         attention, memory and training-step benchmarks
-    speedrun      time-to-accuracy, the recipe's speedrun log, training threads
-    gpucheck      `gpu-check`: backends vs math in bf16, the GPU benchmark, the gpu preset (CUDA only)
-    dilution      the dilution experiment: two training mixes, 0..8k irrelevant image tokens, SIGMA's ablations
-    runtime       fast mode, device, where runs live, atomic writes (used by every floor; imports none)
 
-`import sigma_ref` loads the core (masks, kernels, attention) only; every other module is imported on first
-use (`sr.viz`, `sr.train`, ...), so matplotlib and ipywidgets load only when a figure or widget is asked for.
+THE TOOLING, in subpackages that import the core and that the core never imports:
+
+    lab/          experiments (compare, ensure_trained), dilution, bench, lower_bounds, speedrun, gpucheck
+    teaching/     course: exercises, learner copies (`release`), the executed book (`book`)
+    testing/      doubles: flash-attn's functions in pure PyTorch, to prove the flash path on a CPU
+    __main__      the command line over all of them
+
+`import sigma_ref` loads the core's first floors (masks, kernels, attention) only; every other module is
+imported on first use (`sr.viz`, `sr.train`, `sr.experiments` for sigma_ref.lab.experiments, ...), so
+matplotlib and ipywidgets load only when a figure or widget is asked for.
 """
 
 from __future__ import annotations
@@ -63,14 +66,20 @@ from .runtime import course_preset, course_seeds, fast_mode
 
 __version__ = "0.2.0"
 
-_LAZY_MODULES = ("model", "data", "evaluate", "probes", "optim", "floors", "train", "viz", "experiments", "widgets", "bench", "speedrun", "gpucheck", "dilution", "runtime")
+# The core's heavier modules, and the lab's and teaching's under the short names the notebooks use
+# (`sr.experiments` is sigma_ref.lab.experiments), each imported on first use.
+_LAZY_MODULES = {name: name for name in ("model", "data", "evaluate", "probes", "optim", "train", "viz", "widgets",
+                                         "runtime", "lab", "teaching", "testing")}
+_LAZY_MODULES.update({name: f"lab.{name}" for name in ("experiments", "bench", "lower_bounds", "speedrun",
+                                                       "dilution", "gpucheck")})
+_LAZY_MODULES["course"] = "teaching.course"
 _LAZY_NAMES = {"TinyMLLM": "model", "ModelConfig": "model"}
 
 
 def __getattr__(name: str):
     """Import the heavier submodules (and a few names from them) on first use: `sr.viz`, `sr.TinyMLLM`."""
     if name in _LAZY_MODULES:
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(f".{_LAZY_MODULES[name]}", __name__)
     if name in _LAZY_NAMES:
         return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
     raise AttributeError(f"module 'sigma_ref' has no attribute {name!r}")

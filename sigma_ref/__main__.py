@@ -8,7 +8,9 @@ import dataclasses
 import json
 import sys
 
-from . import bench, course, data, dilution, experiments, gpucheck, kernels, masks, speedrun, train
+from . import data, kernels, masks, train
+from .lab import bench, dilution, experiments, gpucheck, speedrun
+from .teaching import course
 from .runtime import TRAINING_THREADS, machine_description, torch_threads
 
 
@@ -184,7 +186,7 @@ def main(argv=None) -> None:
     p = commands.add_parser("data", help="check (or regenerate) the shipped evaluation splits")
     p.add_argument("--check", action="store_true", help="verify every file against the data card (default)")
     p.add_argument("--regenerate", action="store_true", help="rewrite the splits and the data card")
-    p.add_argument("--dir", default=None, help="data directory (default: the shipped sigma_ref/splits/)")
+    p.add_argument("--dir", default=None, help="data directory (default: the shipped data/, or the installed copy)")
     p.set_defaults(run=_data)
 
     p = commands.add_parser("demo", help="print a module's own small demo")

@@ -14,9 +14,9 @@ TWO TASKS, mixed in training:
                image tokens between the list and "<answer>" and measures the accuracy again.
 
 SPLITS. Training samples are drawn on the fly from seeds >= TRAIN_SEED_BASE. The evaluation splits are fixed
-and shipped as package data in sigma_ref/splits/, JSON lines of scenes (images are rendered from the scene, deterministically):
-test, validation, compositional (every sample holds a colour-shape pair that training never shows) and
-text_only. splits/CARD.md lists their sizes and sha256 sums; `python -m sigma_ref data --check` verifies them
+and shipped in the repository's data/ (a wheel carries them inside the package), JSON lines of scenes (images
+are rendered from the scene, deterministically): test, validation, compositional (every sample holds a colour-shape pair that training never shows) and
+text_only. data/CARD.md lists their sizes and sha256 sums; `python -m sigma_ref data --check` verifies them
 and `--regenerate` rewrites them.
 
 POSITIONS. Text tokens are numbered among text tokens only and patches by their (row, column) in the image,
@@ -61,9 +61,11 @@ IGNORE = -100                                          # target value that the l
 
 SPLITS = {"test": (500, 1), "validation": (300, 2), "compositional": (300, 3), "text_only": (300, 4)}
 TRAIN_SEED_BASE = 1_000_000
-# The shipped splits are package data (sigma_ref/splits/), found through importlib.resources so that a wheel
-# install works as well as an editable one.
-DATA_DIR = importlib.resources.files(__package__) / "splits"
+# The shipped splits live in the repository's data/. A wheel carries that folder inside the package as
+# sigma_ref/_data/ (pyproject.toml maps it at build time), so an installed package finds its own copy and a
+# checkout (editable install, or the source tree on sys.path) finds data/ beside the package.
+_WHEEL_DATA = importlib.resources.files(__package__) / "_data"
+DATA_DIR = _WHEEL_DATA if _WHEEL_DATA.is_dir() else Path(__file__).resolve().parents[1] / "data"
 
 
 def model_fields() -> dict:

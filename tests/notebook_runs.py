@@ -3,7 +3,7 @@
 `NotebookRuns.get(path)` executes a notebook through nbmake (fast mode, MPLBACKEND=Agg) and caches the result,
 so the notebook tests, the exercise tests and the book test share one execution per notebook.
 
-What runs is the notebook with its solution in the exercise cell (sigma_ref.course.solved), plus probe cells
+What runs is the notebook with its solution in the exercise cell (sigma_ref.teaching.course.solved), plus probe cells
 appended at the end: for the stub, two plausible wrong answers (tests/wrong_answers.py) and the solution, each
 probe cell defines that answer, calls the notebook's `check_exercise()` and prints one line
 `EXERCISE-PROBE {"answer": ..., "outcome": "passed" | "<Exception>: <message>"}`.
@@ -27,7 +27,7 @@ from nbclient.exceptions import CellTimeoutError
 from nbclient.util import ensure_async
 from nbmake.nb_run import NotebookRun
 
-from sigma_ref import course
+from sigma_ref.teaching import course
 from wrong_answers import WRONG_ANSWERS
 
 POLL_SLICE = 1.0

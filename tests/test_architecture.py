@@ -13,10 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sigma_ref"
 
 # The floors, lowest first. A module may import only modules on LOWER floors (runtime is the ground floor:
-# every floor may use it). The order is the package map in sigma_ref/__init__.py and README.md.
+# every floor may use it). The core sits below the tooling (lab, teaching, testing), which the core never
+# imports; the order is the package map in sigma_ref/__init__.py.
 FLOORS = [
-    ["runtime", "testing"],
-    ["masks"],
+    ["runtime", "testing.doubles"],
+    ["masks", "testing"],
     ["kernels.layout"],
     ["kernels.reference", "kernels.packed", "kernels.flex", "kernels.flash", "kernels.gate"],
     ["kernels.layer"],                 # one gated layer on the packed path: packed + gate
@@ -25,13 +26,17 @@ FLOORS = [
     ["model"],
     ["data"],
     ["evaluate"],
-    ["probes", "optim", "floors"],
+    ["probes", "optim"],
     ["train"],
     ["viz"],
-    ["experiments", "widgets", "bench"],
-    ["speedrun", "gpucheck", "dilution", "course"],
+    ["widgets"],
+    # the tooling
+    ["lab", "teaching", "teaching.course", "lab.lower_bounds"],
+    ["lab.experiments", "lab.bench"],
+    ["lab.speedrun", "lab.gpucheck", "lab.dilution"],
     ["__main__"],
 ]
+CORE = {name for level in FLOORS[:FLOORS.index(["widgets"]) + 1] for name in level}
 FLOOR = {name: level for level, names in enumerate(FLOORS) for name in names}
 # Optional dependencies may be imported inside a function (the only function-local imports allowed).
 OPTIONAL = ("flash_attn", "ipywidgets", "IPython", "nbclient", "nbformat", "torch.nn.attention.flex_attention", "torch.nn.attention.varlen")
@@ -78,6 +83,14 @@ SOURCES = sorted(PACKAGE.rglob("*.py"))
 
 def test_every_module_has_a_floor():
     assert {module_name(p) or "__init__" for p in SOURCES} - {"__init__"} == set(FLOOR)
+
+
+def test_the_top_level_holds_the_core_alone():
+    """What a learner reads sits at the top level, at most 14 modules; the tooling lives in subpackages."""
+    top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert len(top) <= 14, sorted(top)
+    assert top | {"kernels"} <= CORE and packages == {"kernels", "lab", "teaching", "testing"}
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -129,13 +142,13 @@ def test_import_sigma_ref_is_light():
 
 @pytest.mark.slow
 def test_wheel_carries_the_data_and_works_from_elsewhere(tmp_path):
-    """A plain (not editable) install: the splits are package data, found without the source tree."""
+    """A plain (not editable) install: the wheel carries data/ as package data, found without the source tree."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "-w", str(tmp_path / "dist"), str(ROOT)], check=True)
     wheel = next((tmp_path / "dist").glob("sigma_ref-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for split in ("CARD.md", "vocab.json", "test.jsonl", "validation.jsonl", "compositional.jsonl", "text_only.jsonl"):
-        assert f"sigma_ref/splits/{split}" in names
+        assert f"sigma_ref/_data/{split}" in names
     assert "sigma_ref/kernels/packed.py" in names
     # Install it alone into a fresh virtual environment and use it from /tmp. The venv sees this interpreter's
     # packages (torch) through a .pth file naming its site-packages; `--system-site-packages` would not do:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import sigma_ref as sr
-from sigma_ref import bench, floors
+from sigma_ref.lab import bench
+from sigma_ref.lab import lower_bounds
 from sigma_ref.kernels import packed
 
 
@@ -25,7 +26,7 @@ def test_packed_shapes_are_the_calls_packed_sigma_makes(n, monkeypatch):
     q, k, v = bench._qkv(n, torch.device("cpu"), torch.float32, False)
     ids = bench.half_image_layout(n)[None]
     sr.kernels.sigma_attention(q, k, v, ids, bench.BENCH_HEADS // 2, backend="packed")
-    alone = floors.packed_shapes(q, k, v, n, False)
+    alone = lower_bounds.packed_shapes(q, k, v, n, False)
     assert sorted(shape for shape, _ in made) == sorted(tuple(call[0].shape) for call in alone)
     global_heads = next(call[0] for call in alone if call[0].shape[0] == 1)
     assert (tuple(global_heads.shape), global_heads.stride()) in made
@@ -33,7 +34,7 @@ def test_packed_shapes_are_the_calls_packed_sigma_makes(n, monkeypatch):
 
 def test_packed_shapes_run_forward_and_backward():
     for backward in (False, True):
-        bench.kernel_case(floors.PACKED_SHAPES, 64, torch.device("cpu"), torch.float32, backward)()
+        bench.kernel_case(lower_bounds.PACKED_SHAPES, 64, torch.device("cpu"), torch.float32, backward)()
 
 
 def test_ratios_pair_each_round_with_its_reference():
@@ -77,8 +78,8 @@ def test_free_packing_floor_is_sigma_on_the_halves_layout(n, split, gates):
             module.stream_bias.add_(0.1 * torch.randn_like(module.stream_bias))
     x = torch.randn(1, n, 64, requires_grad=True)
     grad = torch.randn(1, n, 64)
-    wanted = module(x, floors.halves_layout(n))
-    got = floors.free_packing_forward(module, x)
+    wanted = module(x, lower_bounds.halves_layout(n))
+    got = lower_bounds.free_packing_forward(module, x)
     torch.testing.assert_close(got, wanted, atol=1e-5, rtol=1e-5)
     inputs = [x, *module.parameters()]
     for g_got, g_wanted in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(wanted, inputs, grad)):
@@ -88,14 +89,14 @@ def test_free_packing_floor_is_sigma_on_the_halves_layout(n, split, gates):
 def test_free_packing_floor_says_what_it_needs():
     module = sr.SigmaAttention(sr.AttentionConfig(hidden_size=16, num_heads=2))
     with pytest.raises(ValueError, match=r"x must have shape \[1, n, 16\] with n even, got \[1, 7, 16\]"):
-        floors.free_packing_forward(module, torch.randn(1, 7, 16))
+        lower_bounds.free_packing_forward(module, torch.randn(1, 7, 16))
 
 
 def test_gate_arithmetic_floor_is_a_gates_forward_and_backward(monkeypatch):
     """Per layer the floor differentiates o * sigmoid(h W^T) with respect to h, o and W: nothing more."""
     seen = []
     monkeypatch.setattr(torch.autograd, "grad", lambda out, inputs, grad: seen.append((out, inputs, grad)))
-    floors.gate_arithmetic_case(rows=6, hidden_size=4, num_layers=3)()
+    lower_bounds.gate_arithmetic_case(rows=6, hidden_size=4, num_layers=3)()
     assert len(seen) == 3
     for out, (h, o, weight), grad in seen:
         torch.testing.assert_close(out, o * torch.sigmoid(h @ weight.t()))
@@ -106,7 +107,7 @@ def test_training_step_table_times_the_gate_floor_beside_the_three_attentions(mo
     once = lambda fns, repeats, **kwargs: {name: [(fn(), 1.0)[1]] for name, fn in fns.items()}   # each runs
     monkeypatch.setattr(bench, "interleaved_times", once)
     table = bench.training_step_table(progress=False, repeats=1)
-    assert [row[0] for row in table.rows] == ["standard", "gated", "sigma", floors.GATE_ARITHMETIC]
+    assert [row[0] for row in table.rows] == ["standard", "gated", "sigma", lower_bounds.GATE_ARITHMETIC]
 
 
 @pytest.mark.parametrize("repeats", [0, -2, 1.5])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sigma_ref import course
+from sigma_ref.teaching import course
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = course.course_notebooks(ROOT / "notebooks")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sigma_ref import course
+from sigma_ref.teaching import course
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -83,7 +83,7 @@ def jupyterlab(tmp_path_factory):
     before = notebooks_digest()
     root = tmp_path_factory.mktemp("sigma-lab")
     marker = str(root)
-    # Solved copies (sigma_ref.course.solved): Run All must reach the end, and a stub stops it at the check.
+    # Solved copies (sigma_ref.teaching.course.solved): Run All must reach the end, and a stub stops it at the check.
     (root / "notebooks").mkdir()
     for path in course.course_notebooks(ROOT / "notebooks"):
         course.write(course.solved(course.read(path)), root / "notebooks" / path.name)

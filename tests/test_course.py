@@ -1,11 +1,11 @@
-"""sigma_ref.course on small hand-made notebooks: the exercise tags, solved and learner copies, bad input."""
+"""sigma_ref.teaching.course on small hand-made notebooks: the exercise tags, solved and learner copies, bad input."""
 
 import subprocess
 import sys
 
 import pytest
 
-from sigma_ref import course
+from sigma_ref.teaching import course
 
 
 def cell(kind, text, *tags):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sigma_ref import data as D
-from sigma_ref import dilution
+from sigma_ref.lab import dilution
 from sigma_ref import train as T
 from sigma_ref.masks import IMAGE
 from sigma_ref.runtime import TRAINING_THREADS

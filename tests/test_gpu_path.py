@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sigma_ref import data as D
 from sigma_ref import evaluate as E
-from sigma_ref import experiments as X
+from sigma_ref.lab import experiments as X
 from sigma_ref import kernels, probes
 from sigma_ref import train as T
 from sigma_ref.attention import KVCache
@@ -160,7 +160,7 @@ def test_gpu_check_refuses_without_cuda_and_creates_nothing(tmp_path):
 
 
 def test_gpu_checks_equivalence_table_passes_through_the_double_and_would_catch_a_wrong_kernel(monkeypatch):
-    from sigma_ref import gpucheck
+    from sigma_ref.lab import gpucheck
     with flash.substitute(flash_double):
         table = gpucheck.equivalence_table(torch.device("cpu"), trials=3, progress=False)
     assert [row[0] for row in table.rows] == ["sdpa", "packed", "flash", "flash (cached decoding)"]
@@ -174,7 +174,7 @@ def test_gpu_checks_equivalence_table_passes_through_the_double_and_would_catch_
 
 
 def test_random_layouts_differ_per_row_and_pad_on_the_right():
-    from sigma_ref import gpucheck
+    from sigma_ref.lab import gpucheck
     ids, valid = gpucheck.random_layout(4, 60, torch.Generator().manual_seed(1))
     assert len({tuple(row.tolist()) for row in ids}) > 1
     assert not (valid[:, 1:] & ~valid[:, :-1]).any() and valid[:, 0].all()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import sigma_ref as sr
 from sigma_ref import data as D
 from sigma_ref import evaluate as E
-from sigma_ref import experiments as X
+from sigma_ref.lab import experiments as X
 from sigma_ref import train as T
 from sigma_ref.model import ModelConfig, TinyMLLM
 

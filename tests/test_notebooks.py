@@ -16,7 +16,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from sigma_ref import course
+from sigma_ref.teaching import course
 from wrong_answers import WRONG_ANSWERS
 
 ROOT = Path(__file__).resolve().parents[1]

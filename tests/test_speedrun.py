@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from sigma_ref import speedrun
+from sigma_ref.lab import speedrun
 from sigma_ref import train as T
 
 TINY = T.TrainConfig(hidden_size=32, num_layers=2, num_heads=4, steps=12, batch_size=8, warmup_steps=3,

@@ -1,4 +1,4 @@
-"""Floors: what SIGMA would cost with its overheads taken away, timed beside the real thing by bench.py.
+"""Lower bounds: what SIGMA would cost with its overheads taken away, timed beside the real thing by bench.py.
 
 A ratio like "SIGMA packed 0.80x causal SDPA" says how far SIGMA is from standard attention, not how far it
 is from what it COULD cost. Each floor here does one piece of SIGMA's work with some overhead removed, so the
@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import SigmaAttention
-from .masks import layout
+from ..attention import SigmaAttention
+from ..masks import layout
 
 PACKED_SHAPES = "causal SDPA on the packed shapes"
 FREE_PACKING_MODULE = "SigmaAttention module, packing free"

@@ -21,12 +21,12 @@ from dataclasses import replace
 from tqdm.auto import tqdm
 
 from .bench import Table, interleaved_medians
-from .data import DataStream
-from . import data as D
-from .evaluate import evaluate
+from ..data import DataStream
+from .. import data as D
+from ..evaluate import evaluate
 from .experiments import ATTENTION_KINDS, default_workers, run_in_workers
-from .runtime import TRAINING_THREADS, torch_threads
-from .train import TrainConfig, Trainer, get_preset
+from ..runtime import TRAINING_THREADS, torch_threads
+from ..train import TrainConfig, Trainer, get_preset
 
 # The recipe's history, one change at a time; each rung keeps every change above it. The first rung is the
 # `cpu` preset before the speedrun; the last is the `cpu` preset now (tests/test_speedrun.py checks that).

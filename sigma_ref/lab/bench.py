@@ -5,7 +5,7 @@ head sees two causal sequences of N/2 instead of one of N: half the work. Half t
 FLOP floor is 0.75x standard causal attention. A kernel only gets there if it SKIPS the cross-modal blocks:
 a dense boolean mask makes SDPA compute every block and then throw the masked ones away (ratio > 1), while
 the `packed` kernel gathers each modality into its own segment and never computes them. Beside the real
-thing the tables time floors (floors.py): the same work with an overhead taken away.
+thing the tables time lower bounds (lower_bounds.py): the same work with an overhead taken away.
 - "causal SDPA on the packed shapes": packing's attention work with nothing gathered. Its gap to 0.75x is the
   kernel's (a causal kernel computes whole tiles on the diagonal, a larger share of a shorter sequence); the
   gap between it and "SIGMA packed" is packing's own work (gathers, scatters, copies) and the way it runs its
@@ -42,13 +42,13 @@ import torch
 
 from tqdm.auto import tqdm
 
-from . import kernels
-from .attention import ATTENTIONS, AttentionConfig, make_attention
-from .data import DataStream
-from .floors import (FREE_PACKING_MODULE, GATE_ARITHMETIC, PACKED_SHAPES, free_packing_forward, gate_arithmetic_case,
+from .. import kernels
+from ..attention import ATTENTIONS, AttentionConfig, make_attention
+from ..data import DataStream
+from .lower_bounds import (FREE_PACKING_MODULE, GATE_ARITHMETIC, PACKED_SHAPES, free_packing_forward, gate_arithmetic_case,
                      half_image_layout, packed_shapes)
-from .runtime import machine_description
-from .train import Trainer, get_preset
+from ..runtime import machine_description
+from ..train import Trainer, get_preset
 
 BENCH_HEADS, BENCH_HEAD_DIM = 8, 64
 DEFAULT_SIZES = (512, 2048, 4096, 8192)
@@ -237,7 +237,7 @@ def timing_table(sizes, device, dtype, repeats, progress=True) -> Table:
 _MEMORY_SCRIPT = """
 import torch
 torch.set_num_threads({threads})
-from sigma_ref import bench
+from sigma_ref.lab import bench
 def status_kib(field):  # a field of /proc/self/status, in KiB
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))

@@ -32,13 +32,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from . import data as D
-from . import probes, viz
-from .evaluate import evaluate
+from .. import data as D
+from .. import probes, viz
+from ..evaluate import evaluate
 from .experiments import ATTENTION_KINDS, mean_std_text, run_in_workers
-from .masks import IMAGE, TEXT
-from .runtime import TRAINING_THREADS, machine_description, torch_threads, write_atomic
-from .train import Trainer, get_preset
+from ..masks import IMAGE, TEXT
+from ..runtime import TRAINING_THREADS, machine_description, torch_threads, write_atomic
+from ..train import Trainer, get_preset
 
 MAX_TRAIN_IMAGES = 16
 MIXES = {"text only": 0, "irrelevant images": MAX_TRAIN_IMAGES}

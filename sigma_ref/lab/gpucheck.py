@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import kernels
+from .. import kernels
 from .bench import Table, memory_table, timing_table
 from .experiments import ensure_trained, summary_table
-from .runtime import machine_description, write_atomic
+from ..runtime import machine_description, write_atomic
 
 # bf16 keeps 8 bits of mantissa: outputs of unit-variance attention agree to a few 1e-3; gradients to ~1e-2.
 BF16_TOLERANCE = {"out": 2e-2, "grad": 5e-2}

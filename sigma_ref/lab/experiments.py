@@ -24,10 +24,10 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from . import probes, viz
-from .evaluate import evaluate_all, load_model
-from .runtime import TRAINING_THREADS, cpu_cores, machine_description, torch_threads, write_atomic
-from .train import TrainConfig, Trainer, checkpoint_config, get_preset
+from .. import probes, viz
+from ..evaluate import evaluate_all, load_model
+from ..runtime import TRAINING_THREADS, cpu_cores, machine_description, torch_threads, write_atomic
+from ..train import TrainConfig, Trainer, checkpoint_config, get_preset
 
 ATTENTION_KINDS = ("standard", "gated", "sigma")
 

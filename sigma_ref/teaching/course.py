@@ -133,7 +133,7 @@ def write(nb: dict, path: str | Path) -> None:
 
 def default_notebooks_dir() -> Path:
     """The course's notebooks/ in the source checkout that this package is installed from."""
-    directory = Path(__file__).resolve().parents[1] / "notebooks"
+    directory = Path(__file__).resolve().parents[2] / "notebooks"
     if not directory.is_dir():
         raise ValueError(f"notebooks: no course notebooks at {directory} (sigma_ref is not installed from a "
                          "checkout of the course); pass the notebooks directory explicitly")
@@ -211,7 +211,7 @@ title: "SIGMA: a course on multimodal attention"
 author: "the SIGMA course"
 only_build_toc_files: true
 execute:
-  execute_notebooks: "off"      # the notebooks arrive executed (sigma_ref.course.execute)
+  execute_notebooks: "off"      # the notebooks arrive executed (sigma_ref.teaching.course.execute)
 sphinx:
   config:
     html_show_copyright: false

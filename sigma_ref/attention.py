@@ -29,15 +29,14 @@ embeddings, which keeps the attention code about attention.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import kernels
+from .checks import check_bool, check_choice, check_int, check_real
+from .kernels import KVCache
 from .masks import IMAGE, NUM_MODALITIES, TEXT, validate_modality_ids
 
 INTRA, GLOBAL = 0, 1
@@ -74,22 +73,18 @@ class AttentionConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        for name in ("hidden_size", "num_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("hidden_size", self.hidden_size, low=1)
+        check_int("num_heads", self.num_heads, low=1)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size must be divisible by num_heads, got hidden_size={self.hidden_size} "
                              f"and num_heads={self.num_heads} (remainder {self.hidden_size % self.num_heads})")
         if self.num_intra_heads is None:
             self.num_intra_heads = self.num_heads // 2
-        if (not isinstance(self.num_intra_heads, int) or isinstance(self.num_intra_heads, bool)
-                or not 0 <= self.num_intra_heads <= self.num_heads):
-            raise ValueError(f"num_intra_heads must be an int in 0..num_heads (0..{self.num_heads}), "
-                             f"got {self.num_intra_heads!r}")
+        check_int("num_intra_heads", self.num_intra_heads, 0, self.num_heads, why="(0..num_heads)")
         self.bias_init = _check_bias_init(self.bias_init)
-        if self.backend not in kernels.BACKENDS:
-            raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {self.backend!r}")
+        for name in ("use_gates", "use_stream_bias", "headwise_gate"):
+            check_bool(name, getattr(self, name))
+        check_choice("backend", self.backend, kernels.BACKENDS)
 
     @property
     def head_dim(self) -> int:
@@ -119,10 +114,7 @@ def _check_bias_init(bias_init) -> tuple:
                          f"with {shape} entries")
     for row in rows:
         for value in row:
-            if not isinstance(value, numbers.Real) or isinstance(value, bool):
-                raise ValueError(f"bias_init entries must be real numbers, got {value!r} in {bias_init!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"bias_init entries must be finite, got {value!r} in {bias_init!r}")
+            check_real(f"bias_init entry (in {bias_init!r})", value)
     return tuple(tuple(float(v) for v in row) for row in rows)
 
 
@@ -132,8 +124,8 @@ class AttentionDetails:
 
     o_intra, o_global  each stream's attention output BEFORE gating, its heads concatenated. Standard and
                        gated attention have no intra stream: o_intra has 0 channels.
-    g_intra, g_global  the gates (None where a layer has no gate); same shape as the stream they scale, or
-                       [B, S, heads] for a headwise gate.
+    g_intra, g_global  the gates (None where a layer has no gate), the same shape as the stream they scale
+                       (a headwise gate's value repeated over its head's channels).
     attn_probs         [B, H, S, S] attention probabilities from the math backend, else None.
     """
 
@@ -142,24 +134,6 @@ class AttentionDetails:
     g_intra: torch.Tensor | None
     g_global: torch.Tensor | None
     attn_probs: torch.Tensor | None
-
-
-class KVCache:
-    """One layer's keys, values and modality ids so far ([B, H, S, d], [B, H, S, d], [B, S]); starts empty."""
-
-    def __init__(self):
-        self.k = self.v = self.modality_ids = None
-
-    def append(self, k, v, modality_ids):
-        if self.k is None:
-            self.k, self.v, self.modality_ids = k, v, modality_ids
-            return
-        if k.shape[0] != self.k.shape[0]:
-            raise ValueError(f"cache holds a batch of {self.k.shape[0]} rows but this call has {k.shape[0]}; "
-                             "use a fresh KVCache for each batch")
-        self.k = torch.cat([self.k, k], dim=2)
-        self.v = torch.cat([self.v, v], dim=2)
-        self.modality_ids = torch.cat([self.modality_ids, modality_ids], dim=1)
 
 
 def prepare_layout(modality_ids, x: torch.Tensor, valid=None) -> kernels.GroupLayout:
@@ -174,7 +148,12 @@ def prepare_layout(modality_ids, x: torch.Tensor, valid=None) -> kernels.GroupLa
 
 
 class _Attention(nn.Module):
-    """The shared skeleton: q/k/v/o projections, input checks, the kernel call."""
+    """The shared skeleton: q/k/v/o projections, input checks, and the two routes to the same function.
+
+    `forward(..., return_details=True)` computes the layer as its class docstring defines it, step by step,
+    and returns what happened inside. Without details the layer calls `kernels.attention_layer` once, which
+    computes the same function by the cheapest exact route (kernels/fused.py); tests hold the two equal.
+    """
 
     num_intra_heads = 0          # standard and gated attention: every head is global
 
@@ -209,58 +188,36 @@ class _Attention(nn.Module):
             return modality_ids
         return prepare_layout(modality_ids, x, valid)
 
-    def _heads(self, x):
-        """Project and split into heads: x [B, S, D] -> q, k, v [B, H, S, d]."""
-        B, S, _ = x.shape
-        H, d = self.config.num_heads, self.config.head_dim
-        return [proj(x).view(B, S, H, d).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)]
+    def weights(self) -> kernels.LayerWeights:
+        """This layer's weights as the kernels take them; subclasses with a gate add it."""
+        return kernels.LayerWeights(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight)
 
-    def _attend(self, x, layout: kernels.GroupLayout, return_details, cache):
-        """Per-head attention output, heads concatenated: [B, S, D], and the probabilities if asked for.
+    def fast_forward(self, x, layout: kernels.GroupLayout, cache: KVCache | None = None) -> torch.Tensor:
+        """y [B, S, D]: the same function as the step-by-step forward, by the cheapest exact route."""
+        return kernels.attention_layer(x, self.weights(), layout, self.config.num_heads, self.num_intra_heads,
+                                       backend=self.config.backend, cache=cache)
 
-        With a `KVCache`, x holds only the NEW positions: their keys and values are appended to the cache and
-        they attend over everything cached (the same masks, so the intra stream stays pure while decoding).
-        """
-        q, k, v = self._heads(x)
-        if cache is not None:
-            first_call = cache.k is None
-            cache.append(k, v, layout.ids)
-            if not first_call:
-                out = kernels.decode_attention(q, cache.k, cache.v, cache.modality_ids, self.num_intra_heads,
-                                               backend=self.config.backend)
-                B, H, S, d = out.shape
-                return out.transpose(1, 2).reshape(B, S, H * d), None
-        want_probs = return_details and self.config.backend == "math"
-        out, probs = kernels.sigma_attention(q, k, v, layout, self.num_intra_heads, backend=self.config.backend,
-                                             return_probs=want_probs)
-        B, H, S, d = out.shape
-        return out.transpose(1, 2).reshape(B, S, H * d), probs
-
-    def _whole_layer(self, x, layout: kernels.GroupLayout, cache, gate_weight, table):
-        """y for a gated layer as ONE autograd step where the backend allows it (the CPU packed path without a
-        cache, whose backward then peaks no higher than standard attention's: kernels/layer.py); else None."""
-        return None if cache is not None else kernels.gated_attention_layer(
-            x, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, gate_weight, table, self.o_proj.weight,
-            layout, self.config.num_heads, self.num_intra_heads, backend=self.config.backend)
-
-    def _finish(self, gated, o_intra, o_global, g_intra, g_global, probs, return_details):
-        y = self.o_proj(gated)
-        if not return_details:
-            return y
-        return y, AttentionDetails(o_intra, o_global, g_intra, g_global, probs)
+    def attend(self, x, layout: kernels.GroupLayout, cache: KVCache | None = None):
+        """Every head's attention output, heads concatenated in head order: ([B, S, D], probs or None).
+        Heads below num_intra_heads attend within their modality, the rest causally over everything; the
+        probabilities [B, H, S, S] come from the math backend only."""
+        return kernels.attend(x, self.weights(), layout, self.config.num_heads, self.num_intra_heads,
+                              backend=self.config.backend, cache=cache, return_probs=self.config.backend == "math")
 
 
 class StandardAttention(_Attention):
-    """Causal multi-head attention over the mixed sequence: the "latte" baseline.
+    """Causal multi-head attention over the mixed sequence: the "latte" baseline. y = o_proj(attention(x)).
 
-    `modality_ids` is accepted (and checked) so the three layers are interchangeable, but it does not change
-    the result: every head sees every earlier token.
+    `modality_ids` is accepted (and checked) so the layers are interchangeable, but it does not change the
+    result: every head sees every earlier token.
     """
 
     def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None, valid=None):
         layout = self._inputs(x, modality_ids, valid)
-        o, probs = self._attend(x, layout, return_details, cache)                   # [B, S, D]
-        return self._finish(o, o[..., :0], o, None, None, probs, return_details)
+        if not return_details:
+            return self.fast_forward(x, layout, cache)
+        o, probs = self.attend(x, layout, cache)                                   # [B, S, D]
+        return self.o_proj(o), AttentionDetails(o[..., :0], o, None, None, probs)
 
 
 class GatedAttention(_Attention):
@@ -276,27 +233,35 @@ class GatedAttention(_Attention):
         gate_width = config.num_heads if config.headwise_gate else config.hidden_size
         self.gate_proj = nn.Linear(config.hidden_size, gate_width, bias=False)
 
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """sigmoid(gate_proj(x)) spread over every channel it scales: [B, S, D] (a headwise gate's value is
+        repeated over its head's channels)."""
+        gate = torch.sigmoid(self.gate_proj(x))                                    # [B, S, D] or [B, S, H]
+        return gate.repeat_interleave(self.config.head_dim, -1) if self.config.headwise_gate else gate
+
+    def weights(self) -> kernels.LayerWeights:
+        gate = self.gate_proj.weight                                               # [D, D] or [H, D]
+        if self.config.headwise_gate:                                              # one row per channel, tied per head
+            gate = gate.repeat_interleave(self.config.head_dim, 0)
+        return kernels.LayerWeights(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
+                                    self.o_proj.weight, gate)
+
     def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None, valid=None):
         layout = self._inputs(x, modality_ids, valid)
-        plain = not (return_details or self.config.headwise_gate)
-        y = self._whole_layer(x, layout, cache, self.gate_proj.weight, None) if plain else None
-        if y is not None:
-            return y
-        o, probs = self._attend(x, layout, return_details, cache)                   # [B, S, D]
-        if plain:
-            # = o_proj(sigmoid(gate_proj(x)) * o), without storing the gate for the backward pass
-            return kernels.gated_output(x, o, self.gate_proj.weight, None, layout.ids, self.o_proj.weight)
-        gate = torch.sigmoid(self.gate_proj(x))                           # [B, S, D] or [B, S, H]
-        if self.config.headwise_gate:
-            B, S, H = gate.shape
-            gated = (o.view(B, S, H, -1) * gate.unsqueeze(-1)).view(B, S, -1)
-        else:
-            gated = o * gate
-        return self._finish(gated, o[..., :0], o, None, gate, probs, return_details)
+        if not return_details:
+            return self.fast_forward(x, layout, cache)
+        o, probs = self.attend(x, layout, cache)                                   # [B, S, D]
+        g = self.gate(x)                                                           # [B, S, D]
+        return self.o_proj(g * o), AttentionDetails(o[..., :0], o, None, g, probs)
 
 
 class SigmaAttention(_Attention):
     """Split-Stream Intra-Global Gated Multimodal Attention (docs/SIGMA.md states the idea).
+
+        o_intra  = heads 0..h-1, each attending within its token's modality (causal)      [B, S, D_intra]
+        o_global = heads h..H-1, each attending causally over everything                  [B, S, D_global]
+        g_s      = sigmoid(gate_s_proj(x) + B[s][modality(x)])                            for s = intra, global
+        y        = o_proj(cat(g_intra * o_intra, g_global * o_global))
 
     Parameters, named as in the seed:
         q_proj, k_proj, v_proj, o_proj      as in standard attention
@@ -312,6 +277,7 @@ class SigmaAttention(_Attention):
         super().__init__(config)
         self.num_intra_heads = config.num_intra_heads
         D, widths = config.hidden_size, (config.intra_dim, config.global_dim)
+
         def make_gate(width):
             return nn.Linear(D, width, bias=False) if (config.use_gates and width) else None
 
@@ -329,10 +295,7 @@ class SigmaAttention(_Attention):
         return self.stream_bias[stream, :, :width][modality_ids]
 
     def gate(self, stream: int, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor | None:
-        """g_stream = sigmoid(gate_stream_proj(x) + B[stream][modality]); None if this stream has no gate.
-
-        The definition, one stream at a time; `forward` computes both streams in one go (see `gates`).
-        """
+        """g_stream = sigmoid(gate_stream_proj(x) + B[stream][modality]) [B, S, D_stream]; None without a gate."""
         proj = (self.gate_intra_proj, self.gate_global_proj)[stream]
         if proj is None:
             return None
@@ -341,58 +304,42 @@ class SigmaAttention(_Attention):
             logits = logits + self.stream_bias_for(stream, modality_ids)
         return torch.sigmoid(logits)
 
-    def gate_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Both gates' weights stacked, intra rows first ([D, D]), and the stream bias as one table per modality
-        ([M, D], or None without it); None when gates are off. What `gates` and the forward pass use."""
+    def gates(self, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor | None:
+        """Both gates, intra channels first: [B, S, D] (None when gates are off; a stream without heads has none)."""
+        parts = [g for g in (self.gate(INTRA, x, modality_ids), self.gate(GLOBAL, x, modality_ids)) if g is not None]
+        return torch.cat(parts, -1) if parts else None
+
+    def weights(self) -> kernels.LayerWeights:
+        """Both gates' weights stacked, intra rows first ([D, D]), and the stream bias as one row per modality
+        ([M, D], intra channels first): one matmul and one lookup compute both gates."""
+        base = super().weights()
         projs = [p for p in (self.gate_intra_proj, self.gate_global_proj) if p is not None]
         if not projs:
-            return None
-        weight = projs[0].weight if len(projs) == 1 else torch.cat([p.weight for p in projs])   # [D, D]
-        table = None
+            return base
+        base.gate = projs[0].weight if len(projs) == 1 else torch.cat([p.weight for p in projs])
         if self.stream_bias is not None:
-            table = torch.cat([self.stream_bias[INTRA, :, :self.config.intra_dim],
-                               self.stream_bias[GLOBAL, :, :self.config.global_dim]], dim=-1)      # [M, D]
-        return weight, table
-
-    def gates(self, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor | None:
-        """Both gates at once, intra channels first: [B, S, D] (None when gates are off).
-
-        Equal to cat(gate(INTRA), gate(GLOBAL)), but one matmul over the stacked gate weights and one bias
-        lookup: at the tiny model's sizes every extra kernel call shows in the training step.
-        """
-        parameters = self.gate_parameters()
-        return None if parameters is None else torch.sigmoid(kernels.gate_logits(x, *parameters, modality_ids))
+            base.table = torch.cat([self.stream_bias[INTRA, :, :self.config.intra_dim],
+                                    self.stream_bias[GLOBAL, :, :self.config.global_dim]], dim=-1)
+        return base
 
     def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None, valid=None):
         layout = self._inputs(x, modality_ids, valid)
-        parameters = None if return_details else self.gate_parameters()
-        y = None if parameters is None else self._whole_layer(x, layout, cache, *parameters)
-        if y is not None:
-            return y
-        o, probs = self._attend(x, layout, return_details, cache)            # [B, S, D], intra heads first
         if not return_details:
-            if parameters is None:                                        # the gates are off
-                return self.o_proj(o)
-            # = o_proj(cat(g_intra*o_intra, g_global*o_global)), without storing the gates for the backward
-            return kernels.gated_output(x, o, *parameters, layout.ids, self.o_proj.weight)
-        g = self.gates(x, layout.ids)                                     # [B, S, D] or None
-        gated = o if g is None else o * g
-        split = [self.config.intra_dim, self.config.global_dim]
-        o_intra, o_global = o.split(split, dim=-1)
-        g_intra, g_global = (None, None) if g is None else g.split(split, dim=-1)
-        g_intra = None if self.gate_intra_proj is None else g_intra
-        g_global = None if self.gate_global_proj is None else g_global
-        return self._finish(gated, o_intra, o_global, g_intra, g_global, probs, return_details)
+            return self.fast_forward(x, layout, cache)
+        o, probs = self.attend(x, layout, cache)                          # [B, S, D], intra heads first
+        o_intra, o_global = o.split([self.config.intra_dim, self.config.global_dim], dim=-1)
+        g_intra, g_global = self.gate(INTRA, x, layout.ids), self.gate(GLOBAL, x, layout.ids)
+        gated = torch.cat([o_intra if g_intra is None else g_intra * o_intra,
+                           o_global if g_global is None else g_global * o_global], dim=-1)
+        return self.o_proj(gated), AttentionDetails(o_intra, o_global, g_intra, g_global, probs)
 
 
 ATTENTIONS = {"standard": StandardAttention, "gated": GatedAttention, "sigma": SigmaAttention}
 
 
 def make_attention(kind: str, config: AttentionConfig) -> _Attention:
-    """The attention layer named `kind` ("standard", "gated" or "sigma")."""
-    if kind not in ATTENTIONS:
-        raise ValueError(f"attention must be one of {tuple(ATTENTIONS)}, got {kind!r}")
-    return ATTENTIONS[kind](config)
+    """The attention layer named `kind` (a key of ATTENTIONS)."""
+    return ATTENTIONS[check_choice("attention", kind, ATTENTIONS)](config)
 
 
 __all__ = ["AttentionConfig", "AttentionDetails", "StandardAttention", "GatedAttention", "SigmaAttention",

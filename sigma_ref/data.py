@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_int
 from .masks import IMAGE, TEXT
 
 IMAGE_SIZE, PATCH_SIZE = 32, 8
@@ -219,8 +220,7 @@ def encode(scene: dict, inserted_image_tokens: int = 0, inserted_kind: str = "bl
     else:
         words = terse_words(scene)
         at = len(words) if inserted_at is None else inserted_at
-        if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at <= len(words):
-            raise ValueError(f"inserted_at must be an int in 0..{len(words)} (words of the list), got {inserted_at!r}")
+        check_int("inserted_at", at, 0, len(words), why="(words of the list)")
         if inserted_kind not in ("blank", "noise"):
             raise ValueError(f"inserted_kind must be 'blank' or 'noise', got {inserted_kind!r}")
         before, after = ["expand"] + words[:at], words[at:]
@@ -281,8 +281,7 @@ class DataStream:
     """
 
     def __init__(self, batch_size: int, seed: int, text_only_fraction: float = 0.25, max_irrelevant_images: int = 0):
-        if isinstance(max_irrelevant_images, bool) or not isinstance(max_irrelevant_images, int) or max_irrelevant_images < 0:
-            raise ValueError(f"max_irrelevant_images must be an int >= 0, got {max_irrelevant_images!r}")
+        check_int("max_irrelevant_images", max_irrelevant_images, low=0)
         self.batch_size, self.text_only_fraction = batch_size, text_only_fraction
         self.max_irrelevant_images = max_irrelevant_images
         self.rng = random.Random(TRAIN_SEED_BASE + seed)

@@ -23,6 +23,8 @@ import re
 
 import torch
 
+from .checks import check_int
+
 TEXT = 0
 IMAGE = 1
 NUM_MODALITIES = 2
@@ -77,8 +79,7 @@ def layout_string(modality_ids: torch.Tensor) -> str:
 
 def causal_mask(n: int, device: torch.device | str | None = None) -> torch.Tensor:
     """BoolTensor[n, n]: True where key j <= query i (each token sees itself and its past)."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"causal_mask: n must be a positive int, got {n!r}")
+    check_int("causal_mask: n", n, low=1)
     return torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
 
@@ -100,10 +101,8 @@ def sigma_mask(modality_ids: torch.Tensor, num_heads: int, num_intra_heads: int)
     Heads 0 .. num_intra_heads-1 (the intra stream) get `intra_mask`; heads num_intra_heads .. H-1
     (the global stream) get the plain causal mask, so they may mix modalities.
     """
-    if not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"sigma_mask: num_heads must be a positive int, got {num_heads!r}")
-    if not isinstance(num_intra_heads, int) or not 0 <= num_intra_heads <= num_heads:
-        raise ValueError(f"sigma_mask: num_intra_heads must be an int in 0..{num_heads}, got {num_intra_heads!r}")
+    check_int("sigma_mask: num_heads", num_heads, low=1)
+    check_int("sigma_mask: num_intra_heads", num_intra_heads, 0, num_heads)
     intra = intra_mask(modality_ids)                                  # [..., n, n]
     causal = causal_mask(intra.shape[-1], device=intra.device).expand_as(intra)
     is_intra_head = torch.arange(num_heads, device=intra.device) < num_intra_heads   # [H]

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_bool, check_int
 from .attention import DEFAULT_BIAS_INIT, AttentionConfig, KVCache, make_attention, prepare_layout
 from .masks import IMAGE, NUM_MODALITIES, TEXT
 
@@ -59,11 +60,8 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "pad_id", "eos_id", "answer_id"):
-            value = getattr(self, name)
-            low = 1 if name == "vocab_size" else 0
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"ModelConfig.{name} must be an int >= {low} from your tokenizer, got {value!r} "
-                                 "(the toy set's: ModelConfig(..., **sigma_ref.data.model_fields()))")
+            check_int(f"ModelConfig.{name}", getattr(self, name), low=1 if name == "vocab_size" else 0,
+                      why="from your tokenizer (the toy set's: ModelConfig(..., **sigma_ref.data.model_fields()))")
         if isinstance(self.num_intra_heads, list):
             self.num_intra_heads = tuple(self.num_intra_heads)          # a checkpoint's JSON-like list
         if isinstance(self.num_intra_heads, tuple) and len(self.num_intra_heads) != self.num_layers:
@@ -236,10 +234,8 @@ class TinyMLLM(nn.Module):
 
         Returns the generated token ids of each row, up to and excluding the end-of-sequence token.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not isinstance(use_cache, bool):
-            raise ValueError(f"generate: use_cache must be True or False, got {use_cache!r}")
+        check_int("generate: max_new_tokens", max_new_tokens, low=0)
+        check_bool("generate: use_cache", use_cache)
         if not isinstance(batch, dict) or not isinstance(batch.get("tokens"), torch.Tensor) or batch["tokens"].dim() != 2:
             raise ValueError("generate: batch must be a dict with 'tokens' [batch, seq] (and the other collate() fields)")
         eos = self.config.eos_id

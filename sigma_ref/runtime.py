@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from .checks import check_int
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -50,8 +52,7 @@ def cpu_cores() -> int:
 @contextmanager
 def torch_threads(count: int):
     """Run a block with torch using `count` threads, then restore the previous number."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"torch_threads: count must be an int >= 1, got {count!r}")
+    check_int("torch_threads: count", count, low=1)
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as D
+from .checks import check_int
 from .data import DataStream
 from .evaluate import evaluate, to_device
 from .model import ModelConfig, TinyMLLM
@@ -70,9 +71,7 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("hidden_size", "num_layers", "num_heads", "steps", "batch_size", "mlp_ratio", "eval_every",
                      "checkpoint_every", "target_every", "target_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
+            check_int(f"TrainConfig.{name}", getattr(self, name), low=1)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.muon_scope not in MUON_SCOPES:

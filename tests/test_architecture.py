@@ -16,11 +16,13 @@ PACKAGE = ROOT / "sigma_ref"
 # every floor may use it). The core sits below the tooling (lab, teaching, testing), which the core never
 # imports; the order is the package map in sigma_ref/__init__.py.
 FLOORS = [
-    ["runtime", "testing.doubles"],
+    ["checks", "testing.doubles"],
+    ["runtime"],
     ["masks", "testing"],
     ["kernels.layout"],
     ["kernels.reference", "kernels.packed", "kernels.flex", "kernels.flash", "kernels.gate"],
-    ["kernels.layer"],                 # one gated layer on the packed path: packed + gate
+    ["kernels.layer", "kernels.dispatch"],   # one gated layer on the packed path; the dispatcher
+    ["kernels.fused"],                 # a whole layer in one call: dispatch + gate + layer
     ["kernels"],
     ["attention"],
     ["model"],

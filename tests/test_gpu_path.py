@@ -166,9 +166,9 @@ def test_gpu_checks_equivalence_table_passes_through_the_double_and_would_catch_
     assert [row[0] for row in table.rows] == ["sdpa", "packed", "flash", "flash (cached decoding)"]
     assert all(row[3] == "yes" for row in table.rows)
     # a kernel that ignores the modality groups (plain causal everywhere) must be flagged
-    monkeypatch.setattr(kernels.packed, "packed_attention", kernels.packed.causal_attention)
-    monkeypatch.setattr(kernels, "packed_attention", kernels.packed.causal_attention)
-    monkeypatch.setattr(kernels, "sigma_packed_attention", lambda q, k, v, layout, _: kernels.causal_attention(q, k, v, layout))
+    monkeypatch.setattr(kernels.dispatch, "packed_attention", kernels.packed.causal_attention)
+    monkeypatch.setattr(kernels.dispatch, "sigma_packed_attention",
+                        lambda q, k, v, layout, _: kernels.packed.causal_attention(q, k, v, layout))
     broken = gpucheck.equivalence_table(torch.device("cpu"), trials=3, progress=False)
     assert dict((row[0], row[3]) for row in broken.rows)["packed"] == "NO"
 

@@ -51,7 +51,7 @@ def test_causal_mask_is_lower_triangle(n):
 
 @pytest.mark.parametrize("n", [0, -3, 2.0, True])
 def test_causal_mask_rejects_bad_n(n):
-    with pytest.raises(ValueError, match="n must be a positive int"):
+    with pytest.raises(ValueError, match="causal_mask: n must be an int >= 1"):
         sr.causal_mask(n)
 
 

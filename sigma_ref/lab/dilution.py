@@ -34,6 +34,7 @@ import torch
 
 from .. import data as D
 from .. import probes, viz
+from ..checks import check_int
 from ..evaluate import evaluate
 from .experiments import ATTENTION_KINDS, mean_std_text, run_in_workers
 from ..masks import IMAGE, TEXT
@@ -268,8 +269,7 @@ def run_dilution(seeds: int = 3, out_dir: str | Path = "results/dilution", ablat
                  workers: int | None = None, progress: bool = True, preset: str = "cpu",
                  text_only_samples: int = TEXT_ONLY_SAMPLES) -> list[dict]:
     """Train (or reuse) every model of the experiment; write results.json, results.md and the figures."""
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
+    check_int("seeds", seeds, low=1)
     out_dir, counts = Path(out_dir), inserted_counts()
     common = {"out_dir": str(out_dir), "counts": counts, "preset": preset, "text_only_samples": text_only_samples}
     jobs = [{"attention": a, "variant": a, "overrides": {}, "seed": s, "train_mix": mix, **common}

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import probes, viz
+from ..checks import check_int
 from ..evaluate import evaluate_all, load_model
 from ..runtime import TRAINING_THREADS, cpu_cores, machine_description, torch_threads, write_atomic
 from ..train import TrainConfig, Trainer, checkpoint_config, get_preset
@@ -96,8 +97,7 @@ def run_in_workers(function, jobs: list, workers: int | None = None, desc: str =
     order. Each worker is a fresh ("spawn") interpreter, safe under Jupyter and with torch's thread pools, so
     `function` must be a module-level function. One worker (or one job) runs in this process instead."""
     workers = default_workers(len(jobs)) if workers is None else workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    check_int("workers", workers, low=1)
     if workers == 1 or len(jobs) <= 1:
         return [function(job) for job in tqdm(jobs, desc=desc, disable=not progress or len(jobs) <= 1)]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -165,8 +165,7 @@ def summary_table(runs: dict[str, list[dict]]) -> str:
 def compare(preset: str, seeds: int, out_dir: str | Path, attentions=ATTENTION_KINDS,
             backend: str = "auto", progress: bool = True, workers: int | None = None) -> dict:
     """Train every attention for seeds 0..seeds-1; write results.json, results.md and the figures."""
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
+    check_int("seeds", seeds, low=1)
     out_dir = Path(out_dir)
     runs = ensure_trained(preset, list(range(seeds)), out_dir, attentions, backend, progress, workers)
     machine = machine_description()

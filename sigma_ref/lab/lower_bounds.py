@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import SigmaAttention
+from ..kernels import gate_logits
 from ..masks import layout
 
 PACKED_SHAPES = "causal SDPA on the packed shapes"
@@ -70,7 +71,8 @@ def free_packing_forward(module: SigmaAttention, x: torch.Tensor) -> torch.Tenso
     intra = F.scaled_dot_product_attention(halves(q), halves(k), halves(v), is_causal=True)  # [2, h, n/2, d]
     global_ = F.scaled_dot_product_attention(q[:, h:], k[:, h:], v[:, h:], is_causal=True)   # [1, H-h, n, d]
     o = torch.cat([intra.transpose(1, 2).reshape(1, n, h, d), global_.transpose(1, 2)], dim=2).view(1, n, D)
-    gate = module.gates(x, halves_layout(n))                                                # None: gates off
+    w = module.weights()                                                                    # gate None: gates off
+    gate = None if w.gate is None else torch.sigmoid(gate_logits(x, w.gate, w.table, halves_layout(n)[None]))
     return module.o_proj(o if gate is None else o * gate)                                   # [1, n, D]
 
 

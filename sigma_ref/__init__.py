@@ -5,30 +5,11 @@
     attn = sr.SigmaAttention(sr.AttentionConfig(hidden_size=128, num_heads=8))
     y, details = attn(x, ids, return_details=True)     # x: [B, S, 128]
 
-THE CORE, what a learner reads beside the notebooks, one concept per module; imports flow one way (each
-module imports only modules above it):
+The core, what a learner reads beside the notebooks, sits at the top level, one concept per module, imports
+flowing one way; the tooling (lab/, teaching/, testing/) lives in subpackages that the core never imports.
+README.md's package map lists every module with its docstring's first sentence.
 
-    runtime       fast mode, device, threads, where runs live, atomic writes (imports nothing of ours)
-    masks         modality ids, layouts, the causal / intra / per-head masks, FlexAttention mask_mods
-    kernels/      causal attention within groups: the contract and ONE dispatcher; one file per backend
-    attention     AttentionConfig, StandardAttention, GatedAttention (Qwen G1), SigmaAttention
-    model         TinyMLLM: embeddings, pre-norm blocks with a pluggable attention, generate()
-    data          the toy captioning set: scenes, vocabulary, encoding, training stream, shipped splits
-    evaluate      exact match, slot accuracy, dilution; loading a trained model
-    probes        latte measurements: cross-modal mass, contamination, gates, sinks
-    optim         Muon with a float32 Newton-Schulz iteration (fast on CPUs too)
-    train         TrainConfig, presets, Trainer, checkpoints
-    viz           matplotlib figures drawn from arrays and results
-    widgets       ipywidgets panels over plain, tested callbacks
-
-THE TOOLING, in subpackages that import the core and that the core never imports:
-
-    lab/          experiments (compare, ensure_trained), dilution, bench, lower_bounds, speedrun, gpucheck
-    teaching/     course: exercises, learner copies (`release`), the executed book (`book`)
-    testing/      doubles: flash-attn's functions in pure PyTorch, to prove the flash path on a CPU
-    __main__      the command line over all of them
-
-`import sigma_ref` loads the core's first floors (masks, kernels, attention) only; every other module is
+`import sigma_ref` loads masks, kernels and attention only; every other module is
 imported on first use (`sr.viz`, `sr.train`, `sr.experiments` for sigma_ref.lab.experiments, ...), so
 matplotlib and ipywidgets load only when a figure or widget is asked for.
 """

@@ -1,4 +1,4 @@
-"""Command line: python -m sigma_ref {train,compare,figures,bench,dilution,gpu-check,data,demo,release,book} ...
+"""Command line: python -m sigma_ref {train,compare,figures,bench,dilution,gpu-check,data,demo,release,book,report}
 (each has --help)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import sys
 
 from . import data, kernels, masks, train
-from .lab import bench, dilution, experiments, gpucheck, speedrun
+from .lab import bench, dilution, experiments, gpucheck, report, speedrun
 from .teaching import course
 from .runtime import TRAINING_THREADS, machine_description, torch_threads
 
@@ -121,6 +121,16 @@ def _book(args) -> None:
     print(f"the course, executed: {index}")
 
 
+def _report(args) -> None:
+    if args.check:
+        stale = report.stale_blocks()
+        for block in stale:
+            print(f"stale: {block}")
+        sys.exit(1 if stale else 0)
+    changed = report.write()
+    print(f"rewrote the generated blocks of {', '.join(changed)}" if changed else "every generated block is current")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sigma_ref", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +212,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="build/book", help="output directory (default: build/book, ignored by git)")
     p.add_argument("--notebooks", default=None, help="the course's notebooks (default: notebooks/ of this checkout)")
     p.set_defaults(run=_book)
+
+    p = commands.add_parser("report", help="rewrite README.md's and docs/'s generated blocks from results/")
+    p.add_argument("--check", action="store_true", help="only check: exit 1 if a block differs from results/")
+    p.set_defaults(run=_report)
 
     args = parser.parse_args(argv)
     args.run(args)

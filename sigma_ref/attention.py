@@ -60,7 +60,7 @@ class AttentionConfig:
     use_gates        SIGMA ablation: False removes both gates (then y = o_proj(cat(o_intra, o_global))).
     use_stream_bias  SIGMA ablation: False removes B (gates become sigmoid(gate_s_proj(x))).
     headwise_gate    GatedAttention only: one gate value per head instead of one per channel.
-    backend          the kernel: "auto", "math", "sdpa", "packed", "flex" or "flash" (see kernels.py).
+    backend          the kernel: "auto", "math", "sdpa", "packed", "flex" or "flash" (see kernels/).
     """
 
     hidden_size: int = 128

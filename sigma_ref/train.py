@@ -86,7 +86,7 @@ class TrainConfig:
 
 PRESETS = {
     # The course's model on a CPU: learns the task (>= 95% caption exact match) in less than a minute of one
-    # core's time. The speedrun log in README.md (speedrun.py's LADDER) says how this recipe was reached.
+    # core's time. The speedrun log in docs/PERFORMANCE.md (lab/speedrun.py's LADDER) says how it was reached.
     "cpu": TrainConfig(hidden_size=64, num_layers=2, num_heads=4, mlp_ratio=1, steps=600, batch_size=48, lr=1e-2,
                        warmup_steps=20, optimizer="muon", muon_scope="blocks+patch", muon_momentum=0.9,
                        patch_encoder="conv", text_only_fraction=0.1, eval_every=100,

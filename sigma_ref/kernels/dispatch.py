@@ -19,7 +19,7 @@ BACKENDS = ("auto", "math", "sdpa", "packed", "flex", "flash")
 
 # Sequences at least this long take the `packed` path under backend="auto" on CPU; shorter ones the dense
 # `sdpa` path. Measured with `python -m sigma_ref bench --crossover` (SIGMA attention, sdpa with one per-head
-# mask vs packed, fwd+bwd, fp32, B=1, H=8, d=64, half image, 2-core CPU); README.md, "Choosing a backend".
+# mask vs packed, fwd+bwd, fp32, B=1, H=8, d=64, half image, 2-core CPU); docs/PERFORMANCE.md, "Choosing a backend".
 PACKED_MIN_LENGTH = 384
 
 

@@ -1,0 +1,242 @@
+"""The documents' figures, generated from the committed runs: README.md, docs/RESULTS.md, docs/PERFORMANCE.md.
+
+Every number a document quotes from a run sits between markers
+
+    <!-- name -->
+    ...generated text...
+    <!-- /name -->
+
+and `BLOCKS[name](results_dir)` generates that text from the files in results/. `python -m sigma_ref report`
+rewrites every block after a run is regenerated; `python -m sigma_ref report --check` (and
+tests/test_project.py) fails when a block differs from what the committed runs give. Prose outside the blocks
+reads the figures but does not repeat them, so rewording it never breaks a test, and a new run cannot leave a
+stale number behind.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import statistics
+from pathlib import Path
+
+from .bench import Table
+from .dilution import load_metrics, paired_permutation_p
+from .experiments import ATTENTION_KINDS
+from .lower_bounds import FREE_PACKING_MODULE, GATE_ARITHMETIC, PACKED_SHAPES
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCUMENTS = ("README.md", "docs/RESULTS.md", "docs/PERFORMANCE.md")
+BLOCK = re.compile(r"<!-- ([a-z0-9-]+) -->\n(.*?)<!-- /\1 -->", re.S)
+
+
+def _json(results: Path, name: str) -> dict:
+    return json.loads((results / name).read_text())
+
+
+def _tables(results: Path, name: str) -> str:
+    return "\n\n".join(Table(t["title"], t["columns"], t["rows"]).markdown() for t in _json(results, name)["tables"])
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+# -- compare: results/cpu --------------------------------------------------------------------------------
+
+
+def compare_table(results: Path) -> str:
+    text = (results / "cpu" / "results.md").read_text()
+    return "\n".join(line for line in text.splitlines() if line.startswith("|"))
+
+
+def compare_figures(results: Path) -> str:
+    runs = _json(results, "cpu/results.json")["runs"]
+    kinds = [a for a in ATTENTION_KINDS if a in runs]
+    mean = lambda a, key: statistics.fmean(r[key] for r in runs[a])
+    every = lambda key: [r[key] for a in kinds for r in runs[a]]
+    caption, steps = every("caption_exact_match"), every("steps")
+    per_step = [1e3 * r["train_seconds"] / r["steps"] for a in kinds for r in runs[a]]
+    first_95 = [next(t for _, t, em in r["exact_match_curve"] if em >= 0.95) for a in kinds for r in runs[a]]
+    lines = [
+        f"- Caption exact match, mean over {len(runs[kinds[0]])} seeds: "
+        + ", ".join(f"{a} {_pct(mean(a, 'caption_exact_match'))}" for a in kinds)
+        + f"; every run {_pct(min(caption))}-{_pct(max(caption))}; the means span "
+        f"{100 * (max(mean(a, 'caption_exact_match') for a in kinds) - min(mean(a, 'caption_exact_match') for a in kinds)):.1f} points.",
+        "- Compositional exact match, mean (seed range): "
+        + ", ".join(f"{a} {_pct(mean(a, 'compositional_exact_match'))} "
+                    f"({_pct(min(r['compositional_exact_match'] for r in runs[a]))}-"
+                    f"{_pct(max(r['compositional_exact_match'] for r in runs[a]))})" for a in kinds) + ".",
+        f"- Text-only accuracy: lowest run {_pct(min(every('text_only_accuracy')))}; with 64 inserted image tokens, "
+        f"highest run: blank {_pct(max(r['dilution']['blank']['64'] for a in kinds for r in runs[a]))}, "
+        f"noise {_pct(max(r['dilution']['noise']['64'] for a in kinds for r in runs[a]))}.",
+        f"- Training: stopped after {min(steps)}-{max(steps)} steps, {min(every('train_seconds')):.0f}-"
+        f"{max(every('train_seconds')):.0f} s per model ({min(per_step):.0f}-{max(per_step):.0f} ms a step, one "
+        f"thread, two models at a time); 95% validation exact match first passed after {min(first_95):.1f}-"
+        f"{max(first_95):.1f} s.",
+    ]
+    return "\n".join(lines)
+
+
+# -- dilution: results/dilution ----------------------------------------------------------------------------
+
+
+def dilution_tables(results: Path) -> str:
+    paragraphs = (results / "dilution" / "results.md").read_text().split("\n\n")
+    return "\n\n".join(p.strip() for p in paragraphs if p.strip().startswith("|"))
+
+
+def dilution_figures(results: Path) -> str:
+    metrics, _ = load_metrics(results / "dilution")
+    by = lambda mix, variant: sorted((m for m in metrics if m["train_mix"] == mix and m["variant"] == variant),
+                                     key=lambda m: m["seed"])
+    acc = lambda mix, variant, kind, n: [m["accuracy"][kind][str(n)] for m in by(mix, variant)]
+    mean = lambda *args: statistics.fmean(acc(*args))
+    seeds = len(by("text only", "sigma"))
+    lines = [f"- Trained on text only, with 16 blank image tokens inserted: "
+             + ", ".join(f"{a} {mean('text only', a, 'blank', 16):.2f}" for a in ATTENTION_KINDS)
+             + f"; with 64 blank tokens no run keeps more than "
+             f"{max(max(acc('text only', a, 'blank', 64)) for a in ATTENTION_KINDS):.2f}."]
+    mixed = "irrelevant images"
+    for kind, n in (("noise", 64), ("noise", 128), ("blank", 64)):
+        sigma = acc(mixed, "sigma", kind, n)
+        parts = []
+        for other in ("standard", "gated"):
+            differences = [s - o for s, o in zip(sigma, acc(mixed, other, kind, n))]
+            parts.append(f"ahead of {other} on {sum(d > 0 for d in differences)} of {seeds} seeds "
+                         f"(paired sign-flip p = {paired_permutation_p(differences):.2f})")
+        lines.append(f"- Trained with irrelevant images, {n} {kind} tokens: "
+                     + ", ".join(f"{a} {mean(mixed, a, kind, n):.2f}" for a in ATTENTION_KINDS)
+                     + "; SIGMA " + ", ".join(parts) + ".")
+    variants = sorted({m["variant"] for m in metrics if m["train_mix"] == mixed} - set(ATTENTION_KINDS))
+    if variants:
+        lines.append("- SIGMA's ablations (irrelevant images; 64 blank / 128 noise): "
+                     + ", ".join(f"{v} {mean(mixed, v, 'blank', 64):.2f} / {mean(mixed, v, 'noise', 128):.2f}"
+                                 for v in ["sigma", *variants]) + "; SIGMA's own seeds at 64 blank span "
+                     f"{min(acc(mixed, 'sigma', 'blank', 64)):.2f}-{max(acc(mixed, 'sigma', 'blank', 64)):.2f}.")
+    lines.append(f"- Caption exact match under the irrelevant-images mix: "
+                 + ", ".join(f"{a} {statistics.fmean(m['caption_exact_match'] for m in by(mixed, a)):.3f}"
+                             for a in ATTENTION_KINDS) + ".")
+    return "\n".join(lines)
+
+
+# -- performance: results/bench_cpu.json, speedrun_log_cpu.json, time_to_accuracy_cpu.json -----------------
+
+
+def _bench(results: Path) -> dict:
+    tables = {t["title"].split(",")[0].split(":")[0]: t["rows"] for t in _json(results, "bench_cpu.json")["tables"]}
+    return {"time": {(n, what): ratio for n, what, _, _, _, ratio in tables["Attention time"]},
+            "memory": {(n, what): ratio for n, what, _, ratio in tables["Peak memory growth during one forward+backward"]},
+            "step": {what: (ms, ratio) for what, ms, ratio in tables["Tiny-model training step"]},
+            "crossover": {n: ratio for n, _, _, ratio in tables["Crossover"]}}
+
+
+def bench_figures(results: Path) -> str:
+    b = _bench(results)
+    t, m, s = b["time"], b["memory"], b["step"]
+    return "\n".join([
+        f"- Packed SIGMA attention, forward+backward: {t[4096, 'SIGMA packed']:.3f}x standard causal SDPA at "
+        f"N=4096 and {t[8192, 'SIGMA packed']:.3f}x at N=8192; the same work by plain causal SDPA on the packed "
+        f"shapes, {t[4096, PACKED_SHAPES]:.3f}x and {t[8192, PACKED_SHAPES]:.3f}x; the dense mask "
+        f"{t[4096, 'SIGMA sdpa (dense mask)']:.2f}x at 4096.",
+        f"- SigmaAttention module: {t[4096, 'SigmaAttention module']:.2f}x the StandardAttention module at N=4096 "
+        f"and {t[8192, 'SigmaAttention module']:.2f}x at 8192; with packing free {t[4096, FREE_PACKING_MODULE]:.2f}x "
+        f"and {t[8192, FREE_PACKING_MODULE]:.2f}x; GatedAttention {t[4096, 'GatedAttention module']:.2f}x at 4096.",
+        f"- Training step of the tiny model: standard {s['standard'][0]:.1f} ms; SIGMA {s['sigma'][1]:.2f}x, Gated "
+        f"{s['gated'][1]:.2f}x, a standard step plus the gate's bare arithmetic {s[GATE_ARITHMETIC][1]:.2f}x.",
+        f"- Peak memory growth: packed kernel {m[4096, 'SIGMA packed']:.2f}x / {m[8192, 'SIGMA packed']:.2f}x causal "
+        f"SDPA at 4096 / 8192; SigmaAttention module {m[4096, 'SigmaAttention module']:.2f}x / "
+        f"{m[8192, 'SigmaAttention module']:.2f}x the StandardAttention module.",
+        f"- Crossover, packed over dense-mask sdpa: {b['crossover'][256]:.2f}x at 256 tokens, "
+        f"{b['crossover'][384]:.2f}x at 384.",
+    ])
+
+
+def speedrun_figures(results: Path) -> str:
+    threads, tta = (t["rows"] for t in _json(results, "time_to_accuracy_cpu.json")["tables"])
+    runs = _json(results, "time_to_accuracy_cpu.json")["runs"]["time_to_accuracy"]
+    log = _json(results, "speedrun_log_cpu.json")["tables"][0]["rows"]
+    ratio = {(n, load): r for n, load, _, r in threads}
+    return "\n".join([
+        f"- Time to 95% validation exact match, medians: "
+        + ", ".join(f"{row[0]} {row[1]:.1f} s ({row[4]} seeds)" for row in tta)
+        + f"; all runs {min(r['seconds'] for r in runs):.1f}-{max(r['seconds'] for r in runs):.1f} s, against "
+        f"{log[0][1]:.0f} s for SIGMA before the speedrun.",
+        f"- Test caption exact match at that 95% stop: {min(r['caption_exact_match'] for r in runs):.3f}-"
+        f"{max(r['caption_exact_match'] for r in runs):.3f}.",
+        f"- Threads, step time over one thread on an idle machine: two threads {ratio[2, 'idle']:.2f}x with the "
+        f"other core idle and {ratio[2, 'busy']:.2f}x with it busy; one thread {ratio[1, 'busy']:.2f}x with it busy.",
+    ])
+
+
+# -- the package map: each module's own first sentence, in import order -------------------------------------
+
+PACKAGE = ROOT / "sigma_ref"
+MAP_ORDER = ("checks", "runtime", "masks", "kernels/", "attention", "model", "data", "evaluate", "probes", "optim",
+             "train", "viz", "widgets", "lab/", "teaching/", "testing/")
+
+
+def first_sentence(path: Path) -> str:
+    docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+    paragraph = " ".join(docstring.split("\n\n")[0].split())
+    return paragraph.split(". ")[0].rstrip(".") + "."
+
+
+def map_entries() -> list[tuple[str, Path]]:
+    """(name as the map shows it, the file whose docstring describes it) for every entry of MAP_ORDER."""
+    return [(f"`{name}`" if name.endswith("/") else f"`{name}.py`",
+             PACKAGE / (f"{name}__init__.py" if name.endswith("/") else f"{name}.py")) for name in MAP_ORDER]
+
+
+def package_map(results: Path) -> str:
+    rows = [f"| {name} | {first_sentence(path)} |" for name, path in map_entries()]
+    return "\n".join(["| module | what it is (its docstring's first sentence) |", "|---|---|", *rows])
+
+
+BLOCKS = {
+    "package-map": package_map,
+    "compare-table": compare_table,
+    "compare-figures": compare_figures,
+    "dilution-tables": dilution_tables,
+    "dilution-figures": dilution_figures,
+    "bench-tables": lambda results: _tables(results, "bench_cpu.json"),
+    "bench-figures": bench_figures,
+    "speedrun-log": lambda results: _tables(results, "speedrun_log_cpu.json"),
+    "time-to-accuracy": lambda results: _tables(results, "time_to_accuracy_cpu.json"),
+    "speedrun-figures": speedrun_figures,
+}
+
+
+def render(text: str, results: Path) -> str:
+    """`text` with every generated block replaced by what the committed runs give."""
+    def fill(match):
+        name = match.group(1)
+        if name not in BLOCKS:
+            raise ValueError(f"block {name!r} is not one of {sorted(BLOCKS)}")
+        return f"<!-- {name} -->\n{BLOCKS[name](results).strip()}\n<!-- /{name} -->"
+    return BLOCK.sub(fill, text)
+
+
+def stale_blocks(root: str | Path = ROOT) -> list[str]:
+    """'document: block' for every block whose text differs from what the committed runs give."""
+    root = Path(root)
+    stale = []
+    for document in DOCUMENTS:
+        text = (root / document).read_text()
+        fresh = dict(BLOCK.findall(render(text, root / "results")))
+        stale += [f"{document}: {name}" for name, body in BLOCK.findall(text) if body != fresh[name]]
+    return stale
+
+
+def write(root: str | Path = ROOT) -> list[str]:
+    """Regenerate every block of the documents; return the documents that changed."""
+    root, changed = Path(root), []
+    for document in DOCUMENTS:
+        path = root / document
+        text = path.read_text()
+        new = render(text, root / "results")
+        if new != text:
+            path.write_text(new)
+            changed.append(document)
+    return changed

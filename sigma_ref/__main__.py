@@ -42,7 +42,7 @@ def _speedrun(args) -> None:
         print(table.markdown() + "\n", flush=True)
     if args.out:
         bench.save({"machine": machine_description(), "runs": runs,
-                    "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows} for t in tables]}, args.out)
+                    "tables": [t.as_dict() for t in tables]}, args.out)
         print(f"wrote {args.out}")
 
 

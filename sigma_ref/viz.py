@@ -314,9 +314,9 @@ if __name__ == "__main__":
     head_masks_figure(M.layout("T3 I6 T4"), 8, 4).savefig(sys.argv[1] if len(sys.argv) > 1 else "head_masks.png")
 
 
-BENCH_SERIES = {"SIGMA packed": "tab:blue", "causal SDPA on the packed shapes": "tab:cyan",
-                "SIGMA sdpa (dense mask)": "tab:red", "SigmaAttention module": "tab:green",
-                "SigmaAttention module, packing free": "tab:olive"}
+# The benchmark's rows drawn, by their stable keys (lab/bench.py's ROWS), and their colours.
+BENCH_SERIES = {"sigma_packed": "tab:blue", "packed_shapes": "tab:cyan", "sigma_sdpa": "tab:red",
+                "sigma_module": "tab:green", "sigma_module_packing_free": "tab:olive"}
 
 
 def _ratio_label(ax):
@@ -333,19 +333,21 @@ def benchmark_figure(results: dict, title: str = "") -> plt.Figure:
     """The results of `python -m sigma_ref bench --out FILE.json`: forward+backward time (left) and peak memory
     growth (right) of SIGMA's attention as a ratio to its standard reference, against the sequence length."""
     tables = {t["title"].split(",")[0]: t for t in results["tables"]}
-    time_rows = next(t for name, t in tables.items() if name.startswith("Attention time"))["rows"]
+    timing = next(t for name, t in tables.items() if name.startswith("Attention time"))
     memory = [t for name, t in tables.items() if name.startswith("Peak memory")]
+    labels = {key: row[1] for key, row in zip(timing["keys"], timing["rows"])}
+    by_key = lambda table: {(row[0], key): row[-1] for key, row in zip(table["keys"], table["rows"])}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    panels = [(axes[0], {(n, what): ratio for n, what, _, _, _, ratio in time_rows}, "forward+backward time")]
+    panels = [(axes[0], by_key(timing), "forward+backward time")]
     if memory:
-        panels.append((axes[1], {(n, what): ratio for n, what, _, ratio in memory[0]["rows"]}, "peak memory growth"))
+        panels.append((axes[1], by_key(memory[0]), "peak memory growth"))
     else:
         axes[1].set_axis_off()
     for ax, ratios, quantity in panels:
-        for what, colour in BENCH_SERIES.items():
-            points = sorted((n, r) for (n, w), r in ratios.items() if w == what and r is not None)
+        for key, colour in BENCH_SERIES.items():
+            points = sorted((n, r) for (n, k), r in ratios.items() if k == key and r is not None)
             if points:
-                ax.plot(*zip(*points), "o-", color=colour, label=what)
+                ax.plot(*zip(*points), "o-", color=colour, label=labels[key])
         ax.axhline(1.0, color="black", lw=1, label="standard attention (1x)")
         if quantity.endswith("time"):
             ax.axhline(0.75, color="grey", lw=1, ls="--", label="floor: half the heads do half the work")

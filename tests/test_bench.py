@@ -34,7 +34,7 @@ def test_packed_shapes_are_the_calls_packed_sigma_makes(n, monkeypatch):
 
 def test_packed_shapes_run_forward_and_backward():
     for backward in (False, True):
-        bench.kernel_case(lower_bounds.PACKED_SHAPES, 64, torch.device("cpu"), torch.float32, backward)()
+        bench.kernel_case("packed_shapes", 64, torch.device("cpu"), torch.float32, backward)()
 
 
 def test_ratios_pair_each_round_with_its_reference():
@@ -58,10 +58,11 @@ def test_every_round_holds_its_reference_and_the_dense_mask_runs_apart(monkeypat
 
     monkeypatch.setattr(bench, "interleaved_times", recording)
     table = bench.timing_table([64], torch.device("cpu"), torch.float32, repeats=1, progress=False)
-    assert all(bench.reference_for(name) in group for group in groups for name in group)
-    assert not any("SIGMA sdpa (dense mask)" in group and ({"SIGMA packed", "SigmaAttention module"} & group)
-                   for group in groups)
-    assert all(row[2] is not None and row[4] is not None for row in table.rows if row[1] != "SIGMA flex")
+    assert all(bench.reference_for(key) in group for group in groups for key in group)
+    assert not any("sigma_sdpa" in group and ({"sigma_packed", "sigma_module"} & group) for group in groups)
+    assert all(row[2] is not None and row[4] is not None for key, row in zip(table.keys, table.rows)
+               if key != "sigma_flex")
+    assert [row[1] for row in table.rows] == [bench.ROWS[key].label for key in table.keys]
 
 
 @pytest.mark.parametrize("n, split, gates", [(64, 4, True), (130, 4, True), (40, 2, True), (32, 8, True),

@@ -100,11 +100,47 @@ def _qkv(n, device, dtype, requires_grad):
             .requires_grad_(requires_grad) for _ in range(3)]
 
 
-def kernel_case(name: str, n: int, device, dtype, backward: bool):
-    """A callable running one kernel on B=1, H=8, d=64, half image; `name` picks the kernel."""
+# Every row the attention tables can hold, by a stable key (what results files, report.py and the tests use):
+# the label a reader sees, the key of the row its ratio divides by, and what it runs (SIGMA's attention through
+# a backend, or an attention module of a kind). Meaning is read from here, never from a label.
+@dataclass(frozen=True)
+class Row:
+    label: str
+    reference: str
+    backend: str | None = None
+    module: str | None = None
+
+
+ROWS = {
+    "causal_sdpa": Row("standard causal SDPA", "causal_sdpa"),
+    "sigma_sdpa": Row("SIGMA sdpa (dense mask)", "causal_sdpa", backend="sdpa"),
+    "sigma_packed": Row("SIGMA packed", "causal_sdpa", backend="packed"),
+    "packed_shapes": Row(PACKED_SHAPES, "causal_sdpa"),
+    "sigma_flex": Row("SIGMA flex", "causal_sdpa", backend="flex"),
+    "flash_causal": Row("flash causal (all heads)", "flash_causal"),
+    "sigma_flash": Row("SIGMA flash", "flash_causal", backend="flash"),
+    "standard_module": Row("StandardAttention module", "standard_module", module="standard"),
+    "gated_module": Row("GatedAttention module", "standard_module", module="gated"),
+    "sigma_module": Row("SigmaAttention module", "standard_module", module="sigma"),
+    "sigma_module_packing_free": Row(FREE_PACKING_MODULE, "standard_module", module="sigma"),
+}
+MODULE_ROWS = ("standard_module", "gated_module", "sigma_module", "sigma_module_packing_free")
+
+
+def case(key: str, n: int, device, dtype, backward: bool):
+    """A callable running the row `key` of ROWS at length n (a kernel, or a module)."""
+    if key == "sigma_module_packing_free":             # SIGMA's function with packing free (on its own layout)
+        return module_case("sigma", n, device, dtype, backward, lambda module, x, ids: free_packing_forward(module, x))
+    if ROWS[key].module is not None:
+        return module_case(ROWS[key].module, n, device, dtype, backward)
+    return kernel_case(key, n, device, dtype, backward)
+
+
+def kernel_case(key: str, n: int, device, dtype, backward: bool):
+    """A callable running one kernel on B=1, H=8, d=64, half image; `key` (of ROWS) picks the kernel."""
     q, k, v = _qkv(n, device, dtype, backward)
     ids = half_image_layout(n)[None].to(device)
-    if name == PACKED_SHAPES:
+    if key == "packed_shapes":
         calls = packed_shapes(q, k, v, n, backward)
         run_all = lambda: [torch.nn.functional.scaled_dot_product_attention(*qkv, is_causal=True) for qkv in calls]
         if not backward:
@@ -115,14 +151,14 @@ def kernel_case(name: str, n: int, device, dtype, backward: bool):
         grads = [torch.randn_like(qkv[0]) for qkv in calls]
         inputs = [t for qkv in calls for t in qkv]
         return lambda: torch.autograd.grad(run_all(), inputs, grads)
-    if name == "standard causal SDPA":
+    if key == "causal_sdpa":
         run = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    elif name == "flash causal (all heads)":
+    elif key == "flash_causal":
         impl = kernels.flash.implementation(device.type)
         # flash-attn works on [B, S, H, d]; transpose in and out so every case returns [B, H, S, d].
         run = lambda: impl.func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
     else:
-        backend = name.split()[1]                    # "SIGMA packed" -> "packed"
+        backend = ROWS[key].backend
         run = lambda: kernels.sigma_attention(q, k, v, ids, BENCH_HEADS // 2, backend=backend)[0]
     if not backward:
         def forward():
@@ -156,23 +192,17 @@ def module_case(kind: str, n: int, device, dtype, backward: bool, call=None):
     return lambda: run().sum().backward()
 
 
-REFERENCE = {"kernel": "standard causal SDPA", "flash": "flash causal (all heads)",
-             "module": "StandardAttention module"}
-
-
-def reference_for(name: str) -> str:
+def reference_for(key: str) -> str:
     """What a row's ratio divides by: like with like, measured in the same run."""
-    if "module" in name:                             # the modules, and the module's floor
-        return REFERENCE["module"]
-    return REFERENCE["flash"] if name == "SIGMA flash" else REFERENCE["kernel"]
+    return ROWS[key].reference
 
 
 def available_kernels(device, dtype) -> list[str]:
-    names = ["standard causal SDPA", "SIGMA sdpa (dense mask)", "SIGMA packed", PACKED_SHAPES, "SIGMA flex"]
+    keys = ["causal_sdpa", "sigma_sdpa", "sigma_packed", "packed_shapes", "sigma_flex"]
     probe = torch.zeros(1, 1, 1, BENCH_HEAD_DIM, device=device, dtype=dtype)
     if kernels.flash_available(probe):
-        names += ["flash causal (all heads)", "SIGMA flash"]
-    return names
+        keys += ["flash_causal", "sigma_flash"]
+    return keys
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,9 +212,20 @@ def available_kernels(device, dtype) -> list[str]:
 
 @dataclass
 class Table:
+    """A results table: rows for the reader, and beside them each row's stable key (a ROWS key, an attention
+    kind, or a length) for code that reads the results back."""
+
     title: str
     columns: list[str]
     rows: list[list] = field(default_factory=list)
+    keys: list = field(default_factory=list)
+
+    def add(self, key, row: list) -> None:
+        self.keys.append(key)
+        self.rows.append(row)
+
+    def as_dict(self) -> dict:
+        return {"title": self.title, "columns": self.columns, "keys": self.keys, "rows": self.rows}
 
     def markdown(self) -> str:
         fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else ("-" if v is None else str(v))
@@ -197,8 +238,7 @@ class Table:
 def timing_table(sizes, device, dtype, repeats, progress=True) -> Table:
     """Median ms and ratio to standard causal SDPA, forward and forward+backward, kernels then modules."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    names = available_kernels(device, dtype)
-    modules = ["StandardAttention module", "GatedAttention module", "SigmaAttention module", FREE_PACKING_MODULE]
+    keys = available_kernels(device, dtype)
     table = Table(f"Attention time, {device.type} {str(dtype).replace('torch.', '')}, B=1 H=8 d=64, half image "
                   "(median ms; ratio: the median over rounds of the time over its reference's in the same round, "
                   "the reference being standard causal SDPA for kernels, flash causal for SIGMA flash, the "
@@ -206,31 +246,23 @@ def timing_table(sizes, device, dtype, repeats, progress=True) -> Table:
                   ["N", "what", "fwd ms", "fwd ratio", "fwd+bwd ms", "fwd+bwd ratio"])
     # Three round-robin groups, each holding its reference: the dense mask and FlexAttention allocate and free
     # up to gigabytes per call, which would disturb whatever ran after them in a round; modules with modules.
-    slow = ["SIGMA sdpa (dense mask)", "SIGMA flex"]
-    groups = [[name for name in names if name not in slow], [REFERENCE["kernel"], *slow], modules]
+    slow = ["sigma_sdpa", "sigma_flex"]
+    groups = [[key for key in keys if key not in slow], ["causal_sdpa", *slow], list(MODULE_ROWS)]
     jobs = [(n, backward) for n in sizes for backward in (False, True)]
-    rows = {(n, name): [n, name, None, None, None, None] for n in sizes for name in names + modules}
+    rows = {(n, key): [n, ROWS[key].label, None, None, None, None] for n in sizes for key in keys + list(MODULE_ROWS)}
     for n, backward in tqdm(jobs, desc=f"bench {device.type}", disable=not progress):
         col = 4 if backward else 2
         for group in groups:
-            fns = {}
-            for name in group:
-                if name == "SIGMA flex" and backward and device.type == "cpu":
-                    continue                                 # FlexAttention has no backward on CPU
-                if name == FREE_PACKING_MODULE:        # SIGMA's function with packing free (on its own layout)
-                    fns[name] = module_case("sigma", n, device, dtype, backward,
-                                            lambda module, x, ids: free_packing_forward(module, x))
-                elif name in modules:
-                    fns[name] = module_case(name.split("Attention")[0].lower(), n, device, dtype, backward)
-                else:
-                    fns[name] = kernel_case(name, n, device, dtype, backward)
+            fns = {key: case(key, n, device, dtype, backward) for key in group
+                   if not (key == "sigma_flex" and backward and device.type == "cpu")}   # no backward on CPU
             times = interleaved_times(fns, repeats, sync=sync)
-            for name in times:
-                if rows[n, name][col] is None:               # the reference's row: from the first group
-                    rows[n, name][col] = statistics.median(times[name]) * 1e3
-                    rows[n, name][col + 1] = median_ratio(times, name, reference_for(name))
+            for key in times:
+                if rows[n, key][col] is None:               # the reference's row: from the first group
+                    rows[n, key][col] = statistics.median(times[key]) * 1e3
+                    rows[n, key][col + 1] = median_ratio(times, key, reference_for(key))
             del fns, times
-    table.rows = list(rows.values())
+    for (n, key), row in rows.items():
+        table.add(key, row)
     return table
 
 
@@ -241,7 +273,7 @@ from sigma_ref.lab import bench
 def status_kib(field):  # a field of /proc/self/status, in KiB
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-fn = bench.{maker}({what!r}, {n}, torch.device("cpu"), torch.float32, True)   # inputs (and module) exist now
+fn = bench.case({key!r}, {n}, torch.device("cpu"), torch.float32, True)   # inputs (and module) exist now
 before = status_kib("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:   # reset the peak (VmHWM) to the current resident size
     f.write("5")
@@ -256,19 +288,19 @@ print((status_kib("VmHWM") - before) * 1024)
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def peak_memory_bytes(maker: str, what: str, n: int, device, repeats: int = 3) -> int:
+def peak_memory_bytes(key: str, n: int, device, repeats: int = 3) -> int:
     """Peak memory growth during one forward+backward (outputs, gradients and every temporary; the inputs and
     the module's weights exist before and are not counted), the median of `repeats` fresh processes on CPU."""
     if device.type == "cuda":
-        case = getattr(sys.modules[__name__], maker)(what, n, device, torch.bfloat16, True)
+        run = case(key, n, device, torch.bfloat16, True)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        case()
+        run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    script = _MEMORY_SCRIPT.format(threads=torch.get_num_threads(), maker=maker, what=what, n=n)
+    script = _MEMORY_SCRIPT.format(threads=torch.get_num_threads(), key=key, n=n)
     env = {**os.environ, **_MALLOC_ENV}
     runs = [int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                                env=env).stdout.strip().splitlines()[-1]) for _ in range(repeats)]
@@ -276,19 +308,16 @@ def peak_memory_bytes(maker: str, what: str, n: int, device, repeats: int = 3) -
 
 
 def memory_table(sizes, device, progress=True) -> Table:
-    cases = [("kernel_case", "standard causal SDPA"), ("kernel_case", "SIGMA sdpa (dense mask)"),
-             ("kernel_case", "SIGMA packed"), ("module_case", "standard"), ("module_case", "sigma")]
-    if device.type == "cuda" and "SIGMA flash" in available_kernels(device, torch.bfloat16):
-        cases.insert(3, ("kernel_case", "SIGMA flash"))
+    keys = ["causal_sdpa", "sigma_sdpa", "sigma_packed", "standard_module", "sigma_module"]
+    if device.type == "cuda" and "sigma_flash" in available_kernels(device, torch.bfloat16):
+        keys.insert(3, "sigma_flash")
     table = Table(f"Peak memory growth during one forward+backward, inputs not counted, {device.type} "
                   "(MiB, median of 3 fresh processes; ratio to standard causal SDPA for "
                   "kernels, to the StandardAttention module for modules)", ["N", "what", "peak MiB", "ratio"])
     for n in tqdm(sizes, desc="memory", disable=not progress):
-        measured = {}
-        for maker, what in cases:
-            label = what if maker == "kernel_case" else f"{what.capitalize()}Attention module"
-            measured[label] = peak_memory_bytes(maker, what, n, device)
-            table.rows.append([n, label, measured[label] / 2**20, measured[label] / measured[reference_for(label)]])
+        measured = {key: peak_memory_bytes(key, n, device) for key in keys}
+        for key in keys:
+            table.add(key, [n, ROWS[key].label, measured[key] / 2**20, measured[key] / measured[reference_for(key)]])
     return table
 
 
@@ -299,10 +328,10 @@ def crossover_table(sizes=(64, 128, 256, 384, 512, 1024), repeats=20, progress=T
                   ["N", "sdpa ms", "packed ms", "packed / sdpa"])
     device = torch.device("cpu")
     for n in tqdm(sizes, desc="crossover", disable=not progress):
-        t = interleaved_times({backend: kernel_case(f"SIGMA {backend}", n, device, torch.float32, True)
-                               for backend in ("sdpa", "packed")}, repeats, warmup=3)
-        table.rows.append([n, statistics.median(t["sdpa"]) * 1e3, statistics.median(t["packed"]) * 1e3,
-                           median_ratio(t, "packed", "sdpa")])
+        t = interleaved_times({key: kernel_case(key, n, device, torch.float32, True)
+                               for key in ("sigma_sdpa", "sigma_packed")}, repeats, warmup=3)
+        table.add(n, [n, statistics.median(t["sigma_sdpa"]) * 1e3, statistics.median(t["sigma_packed"]) * 1e3,
+                      median_ratio(t, "sigma_packed", "sigma_sdpa")])
     return table
 
 
@@ -321,10 +350,11 @@ def training_step_table(progress: bool = True, preset: str = "cpu", repeats: int
     # the gate's bare arithmetic on the step's shapes, nothing else.
     trainer, rows = Trainer("standard", config, 0, device="cpu"), batch["tokens"].numel()
     gate = gate_arithmetic_case(rows, config.hidden_size, config.num_layers)
-    steps[GATE_ARITHMETIC] = lambda: (trainer.train_step(batch), gate())
+    steps["gate_arithmetic"] = lambda: (trainer.train_step(batch), gate())
     times = interleaved_times(steps, repeats, warmup=3)
-    for attention, t in times.items():
-        table.rows.append([attention, statistics.median(t) * 1e3, median_ratio(times, attention, "standard")])
+    for key, t in times.items():
+        label = GATE_ARITHMETIC if key == "gate_arithmetic" else key
+        table.add(key, [label, statistics.median(t) * 1e3, median_ratio(times, key, "standard")])
     return table
 
 
@@ -349,7 +379,7 @@ def run(sizes=DEFAULT_SIZES, repeats=7, memory=True, crossover=False, train_step
         if memory:
             add(memory_table(sizes, device, progress))
     return {"machine": machine_description(),
-            "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows} for t in tables]}
+            "tables": [t.as_dict() for t in tables]}
 
 
 def save(results: dict, path: str) -> None:

@@ -80,7 +80,7 @@ def equivalence_table(device: torch.device, trials: int = 10, progress: bool = T
                                                                            "max |grad - math|", "within bf16 tolerance"])
     for backend, (out_error, grad_error) in worst.items():
         ok = out_error <= BF16_TOLERANCE["out"] and grad_error <= BF16_TOLERANCE["grad"]
-        table.rows.append([backend, out_error, grad_error, "yes" if ok else "NO"])
+        table.add(backend, [backend, out_error, grad_error, "yes" if ok else "NO"])
     return table
 
 
@@ -102,7 +102,7 @@ def run_gpu_check(out_dir: str | Path, progress: bool = True) -> dict:
     report += [t.markdown() for t in tables]
     report.append("**The `gpu` preset, seed 0**\n\n" + summary_table(runs))
     write_atomic(out_dir / "gpu_check.md", "\n\n".join(report) + "\n")
-    results = {"machine": machine, "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows} for t in tables],
+    results = {"machine": machine, "tables": [t.as_dict() for t in tables],
                "runs": runs}
     write_atomic(out_dir / "gpu_check.json", json.dumps(results, indent=1))
     print("\n\n".join(report))

@@ -24,7 +24,6 @@ from pathlib import Path
 from .bench import Table
 from .dilution import load_metrics, paired_permutation_p
 from .experiments import ATTENTION_KINDS
-from .lower_bounds import FREE_PACKING_MODULE, GATE_ARITHMETIC, PACKED_SHAPES
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = ("README.md", "docs/RESULTS.md", "docs/PERFORMANCE.md")
@@ -124,43 +123,50 @@ def dilution_figures(results: Path) -> str:
 # -- performance: results/bench_cpu.json, speedrun_log_cpu.json, time_to_accuracy_cpu.json -----------------
 
 
+def _keyed(table: dict) -> dict:
+    """A results table's rows by their stable keys (lists, such as [threads, load], become tuples)."""
+    return {tuple(k) if isinstance(k, list) else k: row for k, row in zip(table["keys"], table["rows"])}
+
+
 def _bench(results: Path) -> dict:
-    tables = {t["title"].split(",")[0].split(":")[0]: t["rows"] for t in _json(results, "bench_cpu.json")["tables"]}
-    return {"time": {(n, what): ratio for n, what, _, _, _, ratio in tables["Attention time"]},
-            "memory": {(n, what): ratio for n, what, _, ratio in tables["Peak memory growth during one forward+backward"]},
-            "step": {what: (ms, ratio) for what, ms, ratio in tables["Tiny-model training step"]},
-            "crossover": {n: ratio for n, _, _, ratio in tables["Crossover"]}}
+    """The committed benchmark's ratios: time and memory by (N, row key), the training step by attention."""
+    tables = {t["title"].split(",")[0].split(":")[0]: t for t in _json(results, "bench_cpu.json")["tables"]}
+    by_n = lambda table, column: {(row[0], key): row[column] for key, row in zip(table["keys"], table["rows"])}
+    return {"time": by_n(tables["Attention time"], -1),
+            "memory": by_n(tables["Peak memory growth during one forward+backward"], -1),
+            "step": _keyed(tables["Tiny-model training step"]),
+            "crossover": {n: row[-1] for n, row in _keyed(tables["Crossover"]).items()}}
 
 
 def bench_figures(results: Path) -> str:
     b = _bench(results)
     t, m, s = b["time"], b["memory"], b["step"]
     return "\n".join([
-        f"- Packed SIGMA attention, forward+backward: {t[4096, 'SIGMA packed']:.3f}x standard causal SDPA at "
-        f"N=4096 and {t[8192, 'SIGMA packed']:.3f}x at N=8192; the same work by plain causal SDPA on the packed "
-        f"shapes, {t[4096, PACKED_SHAPES]:.3f}x and {t[8192, PACKED_SHAPES]:.3f}x; the dense mask "
-        f"{t[4096, 'SIGMA sdpa (dense mask)']:.2f}x at 4096.",
-        f"- SigmaAttention module: {t[4096, 'SigmaAttention module']:.2f}x the StandardAttention module at N=4096 "
-        f"and {t[8192, 'SigmaAttention module']:.2f}x at 8192; with packing free {t[4096, FREE_PACKING_MODULE]:.2f}x "
-        f"and {t[8192, FREE_PACKING_MODULE]:.2f}x; GatedAttention {t[4096, 'GatedAttention module']:.2f}x at 4096.",
-        f"- Training step of the tiny model: standard {s['standard'][0]:.1f} ms; SIGMA {s['sigma'][1]:.2f}x, Gated "
-        f"{s['gated'][1]:.2f}x, a standard step plus the gate's bare arithmetic {s[GATE_ARITHMETIC][1]:.2f}x.",
-        f"- Peak memory growth: packed kernel {m[4096, 'SIGMA packed']:.2f}x / {m[8192, 'SIGMA packed']:.2f}x causal "
-        f"SDPA at 4096 / 8192; SigmaAttention module {m[4096, 'SigmaAttention module']:.2f}x / "
-        f"{m[8192, 'SigmaAttention module']:.2f}x the StandardAttention module.",
+        f"- Packed SIGMA attention, forward+backward: {t[4096, 'sigma_packed']:.3f}x standard causal SDPA at "
+        f"N=4096 and {t[8192, 'sigma_packed']:.3f}x at N=8192; the same work by plain causal SDPA on the packed "
+        f"shapes, {t[4096, 'packed_shapes']:.3f}x and {t[8192, 'packed_shapes']:.3f}x; the dense mask "
+        f"{t[4096, 'sigma_sdpa']:.2f}x at 4096.",
+        f"- SigmaAttention module: {t[4096, 'sigma_module']:.2f}x the StandardAttention module at N=4096 and "
+        f"{t[8192, 'sigma_module']:.2f}x at 8192; with packing free {t[4096, 'sigma_module_packing_free']:.2f}x and "
+        f"{t[8192, 'sigma_module_packing_free']:.2f}x; GatedAttention {t[4096, 'gated_module']:.2f}x at 4096.",
+        f"- Training step of the tiny model: standard {s['standard'][1]:.1f} ms; SIGMA {s['sigma'][2]:.2f}x, Gated "
+        f"{s['gated'][2]:.2f}x, a standard step plus the gate's bare arithmetic {s['gate_arithmetic'][2]:.2f}x.",
+        f"- Peak memory growth: packed kernel {m[4096, 'sigma_packed']:.2f}x / {m[8192, 'sigma_packed']:.2f}x causal "
+        f"SDPA at 4096 / 8192; SigmaAttention module {m[4096, 'sigma_module']:.2f}x / {m[8192, 'sigma_module']:.2f}x "
+        f"the StandardAttention module.",
         f"- Crossover, packed over dense-mask sdpa: {b['crossover'][256]:.2f}x at 256 tokens, "
         f"{b['crossover'][384]:.2f}x at 384.",
     ])
 
 
 def speedrun_figures(results: Path) -> str:
-    threads, tta = (t["rows"] for t in _json(results, "time_to_accuracy_cpu.json")["tables"])
+    threads, tta = (_keyed(t) for t in _json(results, "time_to_accuracy_cpu.json")["tables"])
     runs = _json(results, "time_to_accuracy_cpu.json")["runs"]["time_to_accuracy"]
     log = _json(results, "speedrun_log_cpu.json")["tables"][0]["rows"]
-    ratio = {(n, load): r for n, load, _, r in threads}
+    ratio = {key: row[-1] for key, row in threads.items()}
     return "\n".join([
         f"- Time to 95% validation exact match, medians: "
-        + ", ".join(f"{row[0]} {row[1]:.1f} s ({row[4]} seeds)" for row in tta)
+        + ", ".join(f"{attention} {row[1]:.1f} s ({row[4]} seeds)" for attention, row in tta.items())
         + f"; all runs {min(r['seconds'] for r in runs):.1f}-{max(r['seconds'] for r in runs):.1f} s, against "
         f"{log[0][1]:.0f} s for SIGMA before the speedrun.",
         f"- Test caption exact match at that 95% stop: {min(r['caption_exact_match'] for r in runs):.3f}-"

@@ -97,7 +97,7 @@ def time_to_accuracy_table(preset: str = "cpu", seeds: int = 3, target: float = 
                   f"(training seconds; runs {workers or default_workers(len(jobs))} at a time, "
                   f"{TRAINING_THREADS} thread each)", ["attention"] + COLUMNS)
     for attention in ATTENTION_KINDS:
-        table.rows.append([attention] + _summary([r for r in results if r["attention"] == attention]))
+        table.add(attention, [attention] + _summary([r for r in results if r["attention"] == attention]))
     return table, results
 
 
@@ -114,7 +114,7 @@ def speedrun_log_table(seeds: int = 3, target: float = 0.95, attention: str = "s
     table = Table(f"Speedrun log: {attention}, time to {target:.0%} validation caption exact match, seeds "
                   f"0-{seeds - 1} (training seconds; each change keeps the ones above it)", ["change"] + COLUMNS)
     for i, (change, _) in enumerate(recipes):
-        table.rows.append([change] + _summary([r for r in results if r["rung"] == i]))
+        table.add(i, [change] + _summary([r for r in results if r["rung"] == i]))
     return table, results
 
 
@@ -155,5 +155,5 @@ def thread_table(preset: str = "cpu", repeats: int = 30, rounds: int = 3, progre
                 spinner.join()
     seconds = {key: statistics.median(values) for key, values in measured.items()}
     for (threads, load), value in seconds.items():
-        table.rows.append([threads, load, value * 1e3, value / seconds[1, "idle"]])
+        table.add([threads, load], [threads, load, value * 1e3, value / seconds[1, "idle"]])
     return table

@@ -7,6 +7,9 @@ import pytest
 import torch
 from hypothesis import settings
 
+from sigma_ref import data as D
+from sigma_ref.model import ModelConfig, TinyMLLM
+
 # Property tests run many small cases; keep CI's run bounded and deterministic.
 settings.register_profile("course", max_examples=40, deadline=None, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "course"))
@@ -54,3 +57,10 @@ def notebook_runs(tmp_path_factory):
     from notebook_runs import NotebookRuns
 
     return NotebookRuns(tmp_path_factory.mktemp("notebook-runs"))
+
+
+def tiny_model(attention="sigma", backend="auto"):
+    """A seeded two-layer TinyMLLM (hidden 32, 4 heads) in eval mode, sized for the toy vocabulary."""
+    torch.manual_seed(0)
+    return TinyMLLM(ModelConfig(attention=attention, hidden_size=32, num_layers=2, num_heads=4, backend=backend,
+                                **D.model_fields())).eval()

@@ -93,7 +93,7 @@ def dilution_figures(results: Path) -> str:
     acc = lambda mix, variant, kind, n: [m["accuracy"][kind][str(n)] for m in by(mix, variant)]
     mean = lambda *args: statistics.fmean(acc(*args))
     seeds = len(by("text only", "sigma"))
-    lines = [f"- Trained on text only, with 16 blank image tokens inserted: "
+    lines = ["- Trained on text only, with 16 blank image tokens inserted: "
              + ", ".join(f"{a} {mean('text only', a, 'blank', 16):.2f}" for a in ATTENTION_KINDS)
              + f"; with 64 blank tokens no run keeps more than "
              f"{max(max(acc('text only', a, 'blank', 64)) for a in ATTENTION_KINDS):.2f}."]
@@ -114,7 +114,7 @@ def dilution_figures(results: Path) -> str:
                      + ", ".join(f"{v} {mean(mixed, v, 'blank', 64):.2f} / {mean(mixed, v, 'noise', 128):.2f}"
                                  for v in ["sigma", *variants]) + "; SIGMA's own seeds at 64 blank span "
                      f"{min(acc(mixed, 'sigma', 'blank', 64)):.2f}-{max(acc(mixed, 'sigma', 'blank', 64)):.2f}.")
-    lines.append(f"- Caption exact match under the irrelevant-images mix: "
+    lines.append("- Caption exact match under the irrelevant-images mix: "
                  + ", ".join(f"{a} {statistics.fmean(m['caption_exact_match'] for m in by(mixed, a)):.3f}"
                              for a in ATTENTION_KINDS) + ".")
     return "\n".join(lines)
@@ -165,7 +165,7 @@ def speedrun_figures(results: Path) -> str:
     log = _json(results, "speedrun_log_cpu.json")["tables"][0]["rows"]
     ratio = {key: row[-1] for key, row in threads.items()}
     return "\n".join([
-        f"- Time to 95% validation exact match, medians: "
+        "- Time to 95% validation exact match, medians: "
         + ", ".join(f"{attention} {row[1]:.1f} s ({row[4]} seeds)" for attention, row in tta.items())
         + f"; all runs {min(r['seconds'] for r in runs):.1f}-{max(r['seconds'] for r in runs):.1f} s, against "
         f"{log[0][1]:.0f} s for SIGMA before the speedrun.",

@@ -1,0 +1,60 @@
+"""Training runs on disk: resumed after a crash, the same in parallel workers, refused for another recipe."""
+
+import json
+
+import pytest
+
+from sigma_ref.lab import experiments as X
+from sigma_ref import runtime
+from sigma_ref import train as T
+
+
+TINY = T.TrainConfig(hidden_size=32, num_layers=2, num_heads=4, steps=12, batch_size=8, warmup_steps=3,
+                     eval_every=4, eval_samples=8, checkpoint_every=4)
+
+
+# --- results files: atomic, and ensure_trained resumes instead of crashing or restarting ---------------------
+
+def test_ensure_trained_resumes_after_a_crash_that_truncated_metrics(tmp_path, monkeypatch):
+    monkeypatch.setitem(T.PRESETS, "tiny", TINY)
+    straight = X.ensure_trained("tiny", [0], tmp_path / "straight", attentions=["sigma"], progress=False)
+    run = X.run_dir(tmp_path / "crashed", "sigma", 0)
+    with runtime.torch_threads(runtime.TRAINING_THREADS):       # as ensure_trained trains: the same floats
+        T.Trainer("sigma", TINY, 0, run, device="cpu").run(stop_at=8, progress=False)   # checkpoint at step 8
+    (run / "metrics.json").write_text('{"attention": "sigma", "preset": "ti')       # a torn write
+    loaded = []
+    monkeypatch.setattr(T.Trainer, "load", lambda self, path, original=T.Trainer.load: loaded.append(path) or original(self, path))
+    resumed = X.ensure_trained("tiny", [0], tmp_path / "crashed", attentions=["sigma"], progress=False)
+    assert loaded == [run / "checkpoint.pt"]
+    assert resumed["sigma"][0]["loss_curve"] == straight["sigma"][0]["loss_curve"]
+    assert json.loads((run / "metrics.json").read_text())["steps"] == TINY.steps
+
+
+def test_parallel_workers_train_the_same_models_as_one_process(tmp_path, monkeypatch):
+    """Two spawned workers (one thread each, the thread policy) give the very same runs as training in turn,
+    and a second call reuses them all without training."""
+    monkeypatch.setitem(T.PRESETS, "tiny", TINY)
+    serial = X.ensure_trained("tiny", [0, 1], tmp_path / "serial", attentions=["gated"], progress=False, workers=1)
+    parallel = X.ensure_trained("tiny", [0, 1], tmp_path / "parallel", attentions=["gated"], progress=False, workers=2)
+    for one, other in zip(serial["gated"], parallel["gated"]):
+        assert one["seed"] == other["seed"] and one["threads"] == other["threads"] == runtime.TRAINING_THREADS
+        assert one["loss_curve"] == other["loss_curve"] and one["caption_exact_match"] == other["caption_exact_match"]
+    monkeypatch.setattr(X, "train_and_evaluate", lambda **job: pytest.fail(f"retrained {job}"))
+    again = X.ensure_trained("tiny", [0, 1], tmp_path / "parallel", attentions=["gated"], progress=False)
+    assert [r["loss_curve"] for r in again["gated"]] == [r["loss_curve"] for r in parallel["gated"]]
+    with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):
+        X.ensure_trained("tiny", [2], tmp_path / "serial", attentions=["gated"], workers=0)
+
+
+def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path, monkeypatch):
+    T.Trainer("sigma", TINY, 0, tmp_path, device="cpu").run(stop_at=4, progress=False)
+    other = T.TrainConfig(**{**TINY.__dict__, "lr": 1e-4})
+    with pytest.raises(ValueError, match="another recipe.*'lr'"):
+        T.Trainer("sigma", other, 0, device="cpu").load(tmp_path / "checkpoint.pt")
+    # ensure_trained sets such a checkpoint aside and starts afresh instead of mixing recipes
+    monkeypatch.setitem(T.PRESETS, "tiny", other)
+    run = X.run_dir(tmp_path / "runs", "sigma", 0)
+    run.mkdir(parents=True)
+    (tmp_path / "checkpoint.pt").rename(run / "checkpoint.pt")
+    metrics = X.ensure_trained("tiny", [0], tmp_path / "runs", attentions=["sigma"], progress=False)["sigma"][0]
+    assert metrics["loss_curve"][0][0] == 1 and (run / "checkpoint.pt.stale").exists()

@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
 from . import data, kernels, masks, train
+from .attention import ATTENTIONS
 from .lab import bench, dilution, experiments, gpucheck, report, speedrun
 from .teaching import course
 from .runtime import TRAINING_THREADS, machine_description, torch_threads
+
+KINDS = tuple(ATTENTIONS)          # the attention kinds: attention.ATTENTIONS is the one list
+PRESETS = tuple(train.PRESETS)
 
 
 def _bench(args) -> None:
@@ -46,8 +49,8 @@ def _speedrun(args) -> None:
         print(f"wrote {args.out}")
 
 
-def _sigma_parts(args) -> dict:
-    """SIGMA's switches from the command line, as ModelConfig overrides (only those given)."""
+def _attention_options(args) -> dict:
+    """The attention's options from the command line, as ModelConfig.updated takes them (only those given)."""
     overrides = {}
     if args.intra_heads is not None:
         values = [int(v) for v in args.intra_heads.split(",")]
@@ -62,15 +65,16 @@ def _sigma_parts(args) -> dict:
         overrides["use_gates"] = False
     if args.no_stream_bias:
         overrides["use_stream_bias"] = False
+    if args.headwise_gate:
+        overrides["headwise_gate"] = True
     return overrides
 
 
 def _train(args) -> None:
-    config = dataclasses.replace(train.get_preset(args.preset), backend=args.backend,
-                                 max_irrelevant_images=args.max_train_images)
+    config = train.get_preset(args.preset).updated(backend=args.backend, max_irrelevant_images=args.max_train_images)
     with torch_threads(TRAINING_THREADS):               # the thread policy (runtime.py), as compare trains
         metrics = experiments.train_and_evaluate(args.attention, args.preset, args.seed, args.out, resume=args.resume,
-                                                 config=config, model_overrides=_sigma_parts(args))
+                                                 config=config, model_overrides=_attention_options(args))
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("loss_curve", "gate_history")}, indent=2))
 
 
@@ -131,7 +135,8 @@ def _report(args) -> None:
     print(f"rewrote the generated blocks of {', '.join(changed)}" if changed else "every generated block is current")
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command, its options, and the function that runs it (`args.run`)."""
     parser = argparse.ArgumentParser(prog="python -m sigma_ref", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -153,11 +158,11 @@ def main(argv=None) -> None:
     p.set_defaults(run=_bench)
 
     p = commands.add_parser("train", help="train one tiny MLLM and write DIR/metrics.json")
-    p.add_argument("--attention", choices=["standard", "gated", "sigma"], required=True)
-    p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--attention", choices=KINDS, required=True)
+    p.add_argument("--preset", choices=PRESETS, default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--backend", default="auto", help="attention kernel (default: auto)")
+    p.add_argument("--backend", choices=kernels.BACKENDS, default="auto", help="attention kernel (default: auto)")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt if present")
     p.add_argument("--max-train-images", type=int, default=0,
                    help="training mix: text-only samples carry 0..K irrelevant image tokens (default 0: none)")
@@ -166,21 +171,22 @@ def main(argv=None) -> None:
     parts.add_argument("--bias-init", help="stream bias init: intra text, intra image, global text, global image")
     parts.add_argument("--no-gates", action="store_true", help="no gates (the streams are simply added)")
     parts.add_argument("--no-stream-bias", action="store_true", help="gates without the modality-specific bias")
+    p.add_argument("--headwise-gate", action="store_true", help="Gated Attention: one gate value per head")
     p.set_defaults(run=_train)
 
-    p = commands.add_parser("compare", help="train standard, gated and SIGMA for several seeds; table and figures")
-    p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
+    p = commands.add_parser("compare", help="train every attention for several seeds; table and figures")
+    p.add_argument("--preset", choices=PRESETS, default="cpu")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. N-1)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--attentions", nargs="+", default=["standard", "gated", "sigma"])
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--attentions", nargs="+", choices=KINDS, default=KINDS)
+    p.add_argument("--backend", choices=kernels.BACKENDS, default="auto", help="attention kernel (default: auto)")
     p.set_defaults(run=_compare)
 
-    p = commands.add_parser("dilution", help="does SIGMA stop the dilution? 3 attentions x 2 training mixes x seeds, "
+    p = commands.add_parser("dilution", help="does SIGMA stop the dilution? each attention x 2 training mixes x seeds, "
                                                 "text-only accuracy with 0..8k irrelevant image tokens")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. N-1)")
     p.add_argument("--out", default="results/dilution", help="output directory (default: results/dilution)")
-    p.add_argument("--ablations", action="store_true", help="also train SIGMA's ablation grid (ModelConfig switches)")
+    p.add_argument("--ablations", action="store_true", help="also train SIGMA's ablation grid (its config switches)")
     p.add_argument("--workers", type=int, default=None, help="parallel training processes (default: one per core)")
     p.set_defaults(run=_dilution)
 
@@ -217,7 +223,11 @@ def main(argv=None) -> None:
     p.add_argument("--check", action="store_true", help="only check: exit 1 if a block differs from results/")
     p.set_defaults(run=_report)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     args.run(args)
 
 

@@ -104,13 +104,14 @@ def load_model(checkpoint: str | Path, device="cpu") -> TinyMLLM:
     policy (ModelConfig.precision) travels with the model.
     """
     state = torch.load(checkpoint, map_location=device, weights_only=False)
-    fields = dict(state["model_config"], bias_init=tuple(map(tuple, state["model_config"]["bias_init"])))
+    # The whole run's config holds the model's; checkpoints written before it did kept it flat, beside it.
+    config = ModelConfig.from_dict(state["config"]["model"] if "model" in state["config"] else state["model_config"])
     device_type = torch.device(device).type
     flash_here = flash.implementation(device_type)
-    if fields["backend"] == "flash" and (flash_here is None or (flash_here.requires_cuda and device_type != "cuda")):
+    if config.attn.backend == "flash" and (flash_here is None or (flash_here.requires_cuda and device_type != "cuda")):
         warnings.warn(f"{checkpoint} was trained with backend='flash', which needs CUDA; loading it on "
                       f"{device} with backend='auto' (same weights, another exact kernel)", stacklevel=2)
-        fields["backend"] = "auto"
-    model = TinyMLLM(ModelConfig(**fields)).to(device)
+        config = config.updated(backend="auto")
+    model = TinyMLLM(config).to(device)
     model.load_state_dict(state["model"])
     return model.eval()

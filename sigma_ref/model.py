@@ -18,34 +18,33 @@ heads stay within a modality while decoding, and the result equals recomputing t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_bool, check_int
-from .attention import DEFAULT_BIAS_INIT, AttentionConfig, KVCache, make_attention, prepare_layout
+from .checks import check_bool, check_choice, check_int
+from .attention import ATTENTIONS, AttentionConfig, KVCache, make_attention, prepare_layout
 from .masks import IMAGE, NUM_MODALITIES, TEXT
 
 
 @dataclass
 class ModelConfig:
-    """Sizes of a TinyMLLM, the attention its blocks use, and its tokenizer's facts.
+    """A TinyMLLM: its attention (the kind, and the options every block's layer gets), its sizes, and its
+    tokenizer's facts. Each option is declared once: the attention's own live in `attn`, an AttentionConfig.
 
     The model knows no vocabulary: `vocab_size` and the special token ids come in here, so the same model
-    serves any tokenizer. For the course's toy set: `ModelConfig(attention=..., **sigma_ref.data.model_fields())`.
+    serves any tokenizer. For the course's toy set:
+        ModelConfig(attention="sigma", attn=AttentionConfig(hidden_size=64, num_heads=4), num_layers=2,
+                    **sigma_ref.data.model_fields())
+    `config.updated(num_layers=3, use_gates=False)` changes fields of either level by name.
     """
 
-    attention: str = "sigma"                 # "standard", "gated" or "sigma"
-    hidden_size: int = 128
+    attention: str = "sigma"                 # a key of attention.ATTENTIONS: "standard", "gated", "sigma", ...
+    attn: AttentionConfig = field(default_factory=AttentionConfig)   # width, heads, SIGMA's and the gate's options
     num_layers: int = 4
-    num_heads: int = 8
-    num_intra_heads: int | tuple | None = None   # SIGMA: None = half; a tuple: one value per layer
-    bias_init: tuple = DEFAULT_BIAS_INIT
-    use_gates: bool = True
-    use_stream_bias: bool = True
-    backend: str = "auto"
+    intra_heads_per_layer: tuple | None = None   # SIGMA: one split per layer (e.g. (2, 0)); None: attn's everywhere
     precision: str = "float32"               # or "bfloat16": every forward runs under bf16 autocast (any device)
     mlp_ratio: int = 4
     max_text_positions: int = 64
@@ -59,30 +58,81 @@ class ModelConfig:
     grid: int = 4                            # patches per image side: patch positions are (row, column)
 
     def __post_init__(self):
+        check_choice("ModelConfig.attention", self.attention, ATTENTIONS)
+        if isinstance(self.attn, dict):
+            self.attn = AttentionConfig(**self.attn)                    # read back from a checkpoint or JSON
+        if not isinstance(self.attn, AttentionConfig):
+            raise ValueError(f"ModelConfig.attn must be an AttentionConfig, got {type(self.attn).__name__}")
+        for name in ("num_layers", "mlp_ratio", "max_text_positions", "patch_dim", "grid"):
+            check_int(f"ModelConfig.{name}", getattr(self, name), low=1)
+        check_choice("ModelConfig.patch_encoder", self.patch_encoder, PATCH_ENCODERS)
         for name in ("vocab_size", "pad_id", "eos_id", "answer_id"):
             check_int(f"ModelConfig.{name}", getattr(self, name), low=1 if name == "vocab_size" else 0,
                       why="from your tokenizer (the toy set's: ModelConfig(..., **sigma_ref.data.model_fields()))")
-        if isinstance(self.num_intra_heads, list):
-            self.num_intra_heads = tuple(self.num_intra_heads)          # a checkpoint's JSON-like list
-        if isinstance(self.num_intra_heads, tuple) and len(self.num_intra_heads) != self.num_layers:
-            raise ValueError(f"ModelConfig.num_intra_heads as a tuple needs one value per layer ({self.num_layers}), "
-                             f"got {self.num_intra_heads!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"ModelConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.intra_heads_per_layer is not None:
+            self.intra_heads_per_layer = tuple(self.intra_heads_per_layer)    # a JSON list reads back as a tuple
+            if len(self.intra_heads_per_layer) != self.num_layers:
+                raise ValueError(f"ModelConfig.intra_heads_per_layer needs one value per layer ({self.num_layers}), "
+                                 f"got {self.intra_heads_per_layer!r}")
+            for layer in range(self.num_layers):
+                self.attention_config(layer)                            # each layer's split is a valid config
+        check_choice("ModelConfig.precision", self.precision, PRECISIONS)
         for name in ("pad_id", "eos_id", "answer_id"):
             if getattr(self, name) >= self.vocab_size:
                 raise ValueError(f"ModelConfig.{name} = {getattr(self, name)} is not below vocab_size = {self.vocab_size}")
 
-    def intra_heads_of_layer(self, layer: int) -> int | None:
-        """SIGMA's split in one layer: the same everywhere, or per layer (e.g. (4, 4, 0, 0): intra early only)."""
-        if isinstance(self.num_intra_heads, (tuple, list)):
-            return self.num_intra_heads[layer]
-        return self.num_intra_heads
+    @property
+    def hidden_size(self) -> int:
+        return self.attn.hidden_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.attn.num_heads
 
     def attention_config(self, layer: int = 0) -> AttentionConfig:
-        return AttentionConfig(hidden_size=self.hidden_size, num_heads=self.num_heads,
-                               num_intra_heads=self.intra_heads_of_layer(layer), bias_init=self.bias_init,
-                               use_gates=self.use_gates, use_stream_bias=self.use_stream_bias, backend=self.backend)
+        """The AttentionConfig of block `layer`: a copy of `attn` (each layer owns its own), with that layer's
+        split when it is set per layer."""
+        if self.intra_heads_per_layer is None:
+            return replace(self.attn)
+        return replace(self.attn, num_intra_heads=self.intra_heads_per_layer[layer])
+
+    def updated(self, **changes) -> ModelConfig:
+        """A copy with `changes` applied, each to the level that declares it (this config or `attn`).
+        A per-layer split given as `num_intra_heads=(2, 0)` sets intra_heads_per_layer; a new `num_heads`
+        without a `num_intra_heads` goes back to the default split (half the heads)."""
+        own, attn = {}, {}
+        for name, value in changes.items():
+            if name == "num_intra_heads" and isinstance(value, (tuple, list)):
+                own["intra_heads_per_layer"] = tuple(value)
+            elif name in MODEL_FIELDS:
+                own[name] = value
+            elif name in ATTENTION_FIELDS:
+                attn[name] = value
+            else:
+                raise ValueError(f"{name!r} is not an option of ModelConfig or AttentionConfig; "
+                                 f"expected one of {sorted(MODEL_FIELDS | ATTENTION_FIELDS)}")
+        if "num_intra_heads" in attn:
+            own.setdefault("intra_heads_per_layer", None)           # one split for every layer again
+        elif "num_heads" in attn:
+            attn["num_intra_heads"] = None                          # a new head count: the default split (half)
+        return replace(self, attn=replace(own.pop("attn", self.attn), **attn), **own)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> ModelConfig:
+        """A ModelConfig from `dataclasses.asdict` of one, as a checkpoint or metrics.json holds it. Also reads
+        the flat form written before the attention's options moved into `attn` (hidden_size, num_heads, ...
+        beside num_layers, and num_intra_heads as a tuple for a per-layer split)."""
+        fields = dict(fields)
+        if "attn" not in fields:
+            flat = {name: fields.pop(name) for name in list(fields) if name in ATTENTION_FIELDS}
+            if isinstance(flat.get("num_intra_heads"), (list, tuple)):
+                fields["intra_heads_per_layer"] = tuple(flat.pop("num_intra_heads"))
+            fields["attn"] = flat
+        return cls(**fields)
+
+
+MODEL_FIELDS = frozenset(f.name for f in fields(ModelConfig))
+ATTENTION_FIELDS = frozenset(f.name for f in fields(AttentionConfig))
 
 
 PRECISIONS = ("float32", "bfloat16")

@@ -13,16 +13,19 @@ same curve because the checkpoint holds the data stream's position (the only ran
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import data as D
-from .checks import check_int
+from .attention import AttentionConfig
+from .checks import check_choice, check_int
 from .data import DataStream
 from .evaluate import evaluate, to_device
 from .model import ModelConfig, TinyMLLM
@@ -39,11 +42,15 @@ GATE_PROBE_IMAGES = 16                 # blank image tokens in the text-only gat
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training recipe. Presets below; fast mode never changes a recipe (it trains fewer seeds)."""
+    """One training recipe: the model it trains (a ModelConfig) and how. Presets below; fast mode never changes
+    a recipe (it trains fewer seeds).
 
-    hidden_size: int
-    num_layers: int
-    num_heads: int
+    A recipe is shared by every attention of a comparison: `Trainer(attention, recipe, seed)` trains
+    `recipe.updated(attention=attention)`, and a checkpoint records that whole config, model included.
+    `recipe.updated(steps=300, num_layers=3, use_gates=False)` changes fields of any level by name.
+    """
+
+    model: ModelConfig
     steps: int
     batch_size: int
     lr: float = 3e-3
@@ -55,10 +62,6 @@ class TrainConfig:
     eval_every: int = 100
     eval_samples: int = 500            # per split, at the end
     checkpoint_every: int = 200
-    bf16: bool = False                 # the model computes under bfloat16 autocast (model.py), on any device
-    backend: str = "auto"
-    patch_encoder: str = "linear"      # the model's patch encoder: "linear" or "conv" (model.py)
-    mlp_ratio: int = 4                 # the blocks' MLP width, in multiples of hidden_size
     optimizer: str = "adamw"           # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for the rest
     muon_scope: str = "blocks"         # "blocks", or "blocks+patch": Muon also trains the patch projection
     muon_momentum: float = 0.95
@@ -69,13 +72,14 @@ class TrainConfig:
     target_samples: int = 200
 
     def __post_init__(self):
-        for name in ("hidden_size", "num_layers", "num_heads", "steps", "batch_size", "mlp_ratio", "eval_every",
-                     "checkpoint_every", "target_every", "target_samples"):
+        if isinstance(self.model, dict):                               # read back from a checkpoint or JSON
+            object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
+        if not isinstance(self.model, ModelConfig):
+            raise ValueError(f"TrainConfig.model must be a ModelConfig, got {type(self.model).__name__}")
+        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "target_every", "target_samples"):
             check_int(f"TrainConfig.{name}", getattr(self, name), low=1)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.muon_scope not in MUON_SCOPES:
-            raise ValueError(f"TrainConfig.muon_scope must be one of {tuple(MUON_SCOPES)}, got {self.muon_scope!r}")
+        check_choice("TrainConfig.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("TrainConfig.muon_scope", self.muon_scope, MUON_SCOPES)
         if isinstance(self.muon_momentum, bool) or not isinstance(self.muon_momentum, (int, float)) \
                 or not 0 <= self.muon_momentum < 1:
             raise ValueError(f"TrainConfig.muon_momentum must be a number in [0, 1), got {self.muon_momentum!r}")
@@ -83,33 +87,38 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.target_exact_match must be None or between 0 and 1, "
                              f"got {self.target_exact_match!r}")
 
+    def updated(self, **changes) -> TrainConfig:
+        """A copy with `changes` applied, each to the level that declares it: this recipe, its model, or the
+        model's attention (ModelConfig.updated)."""
+        own = {name: changes.pop(name) for name in list(changes) if name in TRAIN_FIELDS}
+        model = self.model.updated(**changes) if changes else own.pop("model", self.model)
+        return replace(self, model=model, **own)
+
+    def as_dict(self) -> dict:
+        """The recipe as JSON holds it (tuples as lists): what checkpoints and metrics.json record and compare."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 
 PRESETS = {
     # The course's model on a CPU: learns the task (>= 95% caption exact match) in less than a minute of one
     # core's time. The speedrun log in docs/PERFORMANCE.md (lab/speedrun.py's LADDER) says how it was reached.
-    "cpu": TrainConfig(hidden_size=64, num_layers=2, num_heads=4, mlp_ratio=1, steps=600, batch_size=48, lr=1e-2,
-                       warmup_steps=20, optimizer="muon", muon_scope="blocks+patch", muon_momentum=0.9,
-                       patch_encoder="conv", text_only_fraction=0.1, eval_every=100,
-                       checkpoint_every=200, target_exact_match=0.98, target_every=50),
+    "cpu": TrainConfig(ModelConfig(attn=AttentionConfig(hidden_size=64, num_heads=4), num_layers=2, mlp_ratio=1,
+                                   patch_encoder="conv", **D.model_fields()),
+                       steps=600, batch_size=48, lr=1e-2, warmup_steps=20, optimizer="muon", muon_scope="blocks+patch",
+                       muon_momentum=0.9, text_only_fraction=0.1, eval_every=100, checkpoint_every=200,
+                       target_exact_match=0.98, target_every=50),
     # A CUDA GPU: larger, bf16, flash-attn (or torch's varlen flash kernel) when present.
-    "gpu": TrainConfig(hidden_size=256, num_layers=6, num_heads=8, steps=4000, batch_size=128, lr=1e-3,
-                       warmup_steps=200, eval_every=500, checkpoint_every=1000, bf16=True),
+    "gpu": TrainConfig(ModelConfig(attn=AttentionConfig(hidden_size=256, num_heads=8), num_layers=6,
+                                   precision="bfloat16", **D.model_fields()),
+                       steps=4000, batch_size=128, lr=1e-3, warmup_steps=200, eval_every=500, checkpoint_every=1000),
 }
 
 
 def get_preset(name: str) -> TrainConfig:
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
-    return PRESETS[name]
-
-
-def model_config(attention: str, train: TrainConfig, **overrides) -> ModelConfig:
-    """The model a recipe trains on the toy set: its sizes from `train`, its vocabulary from data.py."""
-    return ModelConfig(attention=attention, hidden_size=train.hidden_size, num_layers=train.num_layers,
-                       num_heads=train.num_heads, backend=train.backend, patch_encoder=train.patch_encoder,
-                       mlp_ratio=train.mlp_ratio,
-                       precision="bfloat16" if train.bf16 else "float32",
-                       **D.model_fields(), **overrides)
+    """A copy of the named recipe (its ModelConfig is the caller's to change)."""
+    return copy.deepcopy(PRESETS[check_choice("preset", name, PRESETS)])
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -162,14 +171,15 @@ class Trainer:
 
     def __init__(self, attention: str, config: TrainConfig, seed: int, out_dir: str | Path | None = None,
                  device=None, model_overrides: dict | None = None):
-        self.attention, self.config, self.seed = attention, config, seed
+        self.attention, self.seed = attention, seed
+        self.config = config.updated(attention=attention, **(model_overrides or {}))   # the whole run, model included
         self.device = torch.device(device) if device else default_device()
         self.out_dir = Path(out_dir) if out_dir else None
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
-        self.model = TinyMLLM(model_config(attention, config, **(model_overrides or {}))).to(self.device)
-        self.optimizers = make_optimizers(self.model, config)
+        self.model = TinyMLLM(self.config.model).to(self.device)
+        self.optimizers = make_optimizers(self.model, self.config)
         self.stream = DataStream(config.batch_size, seed, config.text_only_fraction, config.max_irrelevant_images)
         self.step = 0
         self.loss_curve: list[tuple[int, float]] = []
@@ -188,8 +198,8 @@ class Trainer:
                 "loss_curve": self.loss_curve, "gate_history": self.gate_history,
                 "validation_curve": self.validation_curve, "train_seconds": self.train_seconds,
                 "exact_match_curve": self.exact_match_curve, "target_reached": self.target_reached,
-                "data_rng": self.stream.rng.getstate(), "attention": self.attention, "config": asdict(self.config),
-                "model_config": asdict(self.model.config), "seed": self.seed}
+                "data_rng": self.stream.rng.getstate(), "attention": self.attention, "config": self.config.as_dict(),
+                "seed": self.seed}
 
     def load(self, path: Path) -> None:
         """Continue from a checkpoint of the SAME run (attention, seed and recipe), on any device."""
@@ -200,7 +210,7 @@ class Trainer:
         if state["attention"] != self.attention or state["seed"] != self.seed:
             raise ValueError(f"checkpoint {path} is for attention={state['attention']!r} seed={state['seed']}, "
                              f"not attention={self.attention!r} seed={self.seed}")
-        differing = {k: (v, state["config"].get(k)) for k, v in asdict(self.config).items() if state["config"].get(k) != v}
+        differing = {k: (v, state["config"].get(k)) for k, v in self.config.as_dict().items() if state["config"].get(k) != v}
         if differing:
             raise ValueError(f"checkpoint {path} was trained with another recipe; (asked, in checkpoint): {differing}. "
                              "Resume with the same TrainConfig, or start a fresh run in another directory")

@@ -85,8 +85,7 @@ def stream_attention_figure(attn_probs, modality_ids, num_intra_heads: int, titl
         # Masked cells are drawn grey, apart from allowed cells that got (almost) no attention, which are dark.
         # The colour scale is a square root (PowerNorm 0.5), so small masses stay visible; the bar shows values.
         shown = np.ma.masked_where(~allowed[name], p.mean(0).numpy())
-        cmap = plt.get_cmap("magma").copy()
-        cmap.set_bad("0.85")
+        cmap = plt.get_cmap("magma").with_extremes(bad="0.85")
         image = ax.imshow(shown, cmap=cmap, norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1),
                           interpolation="nearest")
         fig.colorbar(image, ax=ax, shrink=0.8, label="attention probability (grey: masked)")

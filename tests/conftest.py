@@ -59,8 +59,14 @@ def notebook_runs(tmp_path_factory):
     return NotebookRuns(tmp_path_factory.mktemp("notebook-runs"))
 
 
+def tiny_config(attention="sigma", **options) -> ModelConfig:
+    """The tests' model on the toy vocabulary: hidden 32, 4 heads, 2 layers; `options` as ModelConfig.updated
+    takes them (any level: num_layers, num_intra_heads, backend, ...)."""
+    sizes = {"hidden_size": 32, "num_heads": 4, "num_layers": 2}
+    return ModelConfig(**D.model_fields()).updated(attention=attention, **{**sizes, **options})
+
+
 def tiny_model(attention="sigma", backend="auto"):
-    """A seeded two-layer TinyMLLM (hidden 32, 4 heads) in eval mode, sized for the toy vocabulary."""
+    """A seeded two-layer TinyMLLM (hidden 32, 4 heads) in eval mode."""
     torch.manual_seed(0)
-    return TinyMLLM(ModelConfig(attention=attention, hidden_size=32, num_layers=2, num_heads=4, backend=backend,
-                                **D.model_fields())).eval()
+    return TinyMLLM(tiny_config(attention, backend=backend)).eval()

@@ -169,6 +169,7 @@ def test_wheel_carries_the_data_and_works_from_elsewhere(tmp_path):
     assert str(venv) in location, f"the venv imported {location}, not its own install"
     assert "every split matches" in subprocess.run([python, "-m", "sigma_ref", "data", "--check"], **elsewhere).stdout
     forward = ("import sigma_ref as sr; from sigma_ref import data as D; "
-               "m = sr.TinyMLLM(sr.ModelConfig(hidden_size=32, num_layers=1, num_heads=4, **D.model_fields())); "
+               "c = sr.ModelConfig(attn=sr.AttentionConfig(hidden_size=32, num_heads=4), num_layers=1, **D.model_fields()); "
+               "m = sr.TinyMLLM(c); "
                "b = D.collate([D.encode(s) for s in D.load_split('test')[:3]]); print(float(m(b).loss))")
     assert float(subprocess.run([python, "-c", forward], **elsewhere).stdout) > 0

@@ -1,6 +1,5 @@
 """The dilution experiment's pieces: the training mix, inserted positions, the paired test, and one tiny run."""
 
-import dataclasses
 import json
 
 import pytest
@@ -12,7 +11,9 @@ from sigma_ref import train as T
 from sigma_ref.masks import IMAGE
 from sigma_ref.runtime import TRAINING_THREADS
 
-TINY = T.TrainConfig(hidden_size=32, num_layers=2, num_heads=4, steps=6, batch_size=8, warmup_steps=2,
+from conftest import tiny_config
+
+TINY = T.TrainConfig(tiny_config(), steps=6, batch_size=8, warmup_steps=2,
                      eval_every=3, eval_samples=8, checkpoint_every=3)
 
 
@@ -72,11 +73,13 @@ def test_a_tiny_dilution_run_writes_every_record_and_reuses_its_models(tmp_path,
 
 def test_per_layer_split_builds_each_layer_with_its_own_heads():
     from sigma_ref.model import ModelConfig, TinyMLLM
-    model = TinyMLLM(ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_intra_heads=(4, 0), **D.model_fields()))
+    model = TinyMLLM(tiny_config(num_intra_heads=(4, 0)))
     assert [block.attn.num_intra_heads for block in model.blocks] == [4, 0]
     with pytest.raises(ValueError, match="one value per layer"):
-        ModelConfig(num_layers=3, num_intra_heads=(1, 2), **D.model_fields())
-    assert dataclasses.replace(ModelConfig(**D.model_fields()), num_intra_heads=[1, 2, 3, 4]).num_intra_heads == (1, 2, 3, 4)
+        ModelConfig(num_layers=3, intra_heads_per_layer=(1, 2), **D.model_fields())
+    with pytest.raises(ValueError, match="num_intra_heads must be an int in 0..4"):
+        tiny_config(num_intra_heads=(1, 5))
+    assert ModelConfig(**D.model_fields()).updated(num_intra_heads=[1, 2, 3, 4]).intra_heads_per_layer == (1, 2, 3, 4)
 
 
 def test_load_metrics_rebuilds_the_tables_of_a_finished_run(tmp_path, monkeypatch):
@@ -95,8 +98,9 @@ def test_sigma_parts_on_the_command_line(tmp_path, monkeypatch):
     cli.main(["train", "--attention", "sigma", "--out", str(tmp_path), "--intra-heads", "3,0", "--bias-init",
               "0,0,-2,0", "--no-stream-bias", "--max-train-images", "8"])
     written = json.loads((tmp_path / "metrics.json").read_text())
-    assert written["model_config"]["num_intra_heads"] == [3, 0] and written["model_config"]["use_stream_bias"] is False
-    assert written["model_config"]["bias_init"] == [[0.0, 0.0], [-2.0, 0.0]] and written["config"]["max_irrelevant_images"] == 8
+    model = written["config"]["model"]
+    assert model["intra_heads_per_layer"] == [3, 0] and model["attn"]["use_stream_bias"] is False
+    assert model["attn"]["bias_init"] == [[0.0, 0.0], [-2.0, 0.0]] and written["config"]["max_irrelevant_images"] == 8
     assert written["threads"] == TRAINING_THREADS                          # the thread policy, as compare trains
     with pytest.raises(SystemExit, match="--bias-init needs 4 numbers"):
         cli.main(["train", "--attention", "sigma", "--out", str(tmp_path / "x"), "--bias-init", "1,2"])

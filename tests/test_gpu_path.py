@@ -2,7 +2,6 @@
 one bf16 precision policy for training, validation, probes, evaluate and generate, flash in cached decoding,
 and checkpoints that load and resume on any device."""
 
-import dataclasses
 import json
 
 import pytest
@@ -20,9 +19,11 @@ from sigma_ref.kernels import flash
 from sigma_ref.model import ModelConfig, TinyMLLM
 from sigma_ref.testing import flash_double
 
+from conftest import tiny_config
+
 # The gpu preset's recipe (bf16, backend "flash") at tiny sizes and a few steps.
-TINY_GPU = dataclasses.replace(T.PRESETS["gpu"], hidden_size=32, num_layers=2, num_heads=4, steps=8, batch_size=6,
-                               warmup_steps=2, eval_every=4, eval_samples=6, checkpoint_every=4, backend="flash")
+TINY_GPU = T.get_preset("gpu").updated(hidden_size=32, num_layers=2, num_heads=4, steps=8, batch_size=6,
+                                       warmup_steps=2, eval_every=4, eval_samples=6, checkpoint_every=4, backend="flash")
 
 
 @pytest.mark.parametrize("flavour", ["flash-attn", "torch varlen_attn"])
@@ -52,8 +53,7 @@ def test_flash_decoding_equals_dense_decoding(flavour, batch, cached, new, intra
 
 def test_cached_generation_through_flash_equals_full_recomputation_and_keeps_the_intra_stream_pure():
     torch.manual_seed(0)
-    config = ModelConfig(attention="sigma", hidden_size=32, num_layers=2, num_heads=4, backend="flash",
-                         precision="bfloat16", **D.model_fields())
+    config = tiny_config("sigma", backend="flash", precision="bfloat16")
     model = TinyMLLM(config).eval()
     prompts = D.collate([E.prompt_of(D.encode(s)) for s in D.load_split("test")[:3] if len(s["objects"]) == 2])
     flash_double.calls.clear()
@@ -84,7 +84,7 @@ def test_the_gpu_recipe_trains_evaluates_checkpoints_and_resumes_through_flash_u
                                        config=TINY_GPU)
         calls = set(flash_double.calls)
         model = E.load_model(tmp_path / "run" / "checkpoint.pt")
-        assert model.config.precision == "bfloat16" and model.config.backend == "flash"
+        assert model.config.precision == "bfloat16" and model.config.attn.backend == "flash"
         gates = probes.gate_means(model, probes.probe_batch())
         interrupted = T.Trainer("sigma", TINY_GPU, 0, tmp_path / "again", device="cpu")
         interrupted.run(stop_at=4, progress=False)
@@ -110,7 +110,7 @@ def test_without_the_seam_a_flash_model_on_cpu_says_why_and_load_model_picks_a_c
 
 
 def test_a_float32_model_is_not_touched_by_the_policy_and_a_bad_precision_is_refused():
-    model = TinyMLLM(ModelConfig(hidden_size=32, num_layers=1, num_heads=4, **D.model_fields()))
+    model = TinyMLLM(tiny_config(num_layers=1))
     batch = D.collate([D.encode(s) for s in D.load_split("validation")[:2]])
     assert model(batch).logits.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):      # a caller's own autocast stays in force
@@ -120,7 +120,7 @@ def test_a_float32_model_is_not_touched_by_the_policy_and_a_bad_precision_is_ref
 
 
 def test_training_draws_no_torch_random_numbers_so_checkpoints_hold_none(tmp_path):
-    trainer = T.Trainer("sigma", dataclasses.replace(TINY_GPU, bf16=False, backend="auto"), 0, tmp_path, device="cpu")
+    trainer = T.Trainer("sigma", TINY_GPU.updated(precision="float32", backend="auto"), 0, tmp_path, device="cpu")
     before = torch.get_rng_state()
     trainer.run(stop_at=4, progress=False)
     assert torch.equal(torch.get_rng_state(), before)
@@ -135,7 +135,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("resumed_on", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device here: the cross-device case runs on a GPU machine"))])
 def test_resume_on_another_device_continues_the_curve(tmp_path, saved_on, resumed_on):
-    recipe = dataclasses.replace(TINY_GPU, bf16=False, backend="auto")
+    recipe = TINY_GPU.updated(precision="float32", backend="auto")
     straight = T.Trainer("sigma", recipe, 3, device=resumed_on)
     straight.run(progress=False)
     first = T.Trainer("sigma", recipe, 3, tmp_path, device=saved_on)

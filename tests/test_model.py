@@ -12,9 +12,11 @@ from sigma_ref import data as D
 from sigma_ref import evaluate as E
 from sigma_ref.lab import experiments as X
 from sigma_ref import train as T
-from sigma_ref.model import ModelConfig, TinyMLLM
+from sigma_ref.model import TinyMLLM
 
-TINY = T.TrainConfig(hidden_size=32, num_layers=2, num_heads=4, steps=12, batch_size=8, warmup_steps=3,
+from conftest import tiny_config
+
+TINY = T.TrainConfig(tiny_config(), steps=12, batch_size=8, warmup_steps=3,
                      eval_every=4, eval_samples=8, checkpoint_every=4)
 
 
@@ -29,7 +31,7 @@ def prompts(n=6, split="test"):
 @pytest.mark.parametrize("attention", ["standard", "gated", "sigma"])
 def test_kv_cache_generation_equals_full_recomputation(attention):
     torch.manual_seed(0)
-    model = TinyMLLM(ModelConfig(attention=attention, hidden_size=32, num_layers=2, num_heads=4, **D.model_fields())).eval()
+    model = TinyMLLM(tiny_config(attention)).eval()
     for batch in prompts(6) + prompts(6, "text_only"):
         cached = model.generate(batch, max_new_tokens=8, use_cache=True)
         full = model.generate(batch, max_new_tokens=8, use_cache=False)
@@ -64,7 +66,7 @@ def test_a_generated_pad_token_is_a_real_token_cached_or_not(attention):
     special = {fields["eos_id"], fields["answer_id"]}
     for seed in range(20):                  # a random model that generates an ordinary word early on
         torch.manual_seed(seed)
-        model = TinyMLLM(ModelConfig(attention=attention, hidden_size=32, num_layers=2, num_heads=4, **fields)).eval()
+        model = TinyMLLM(tiny_config(attention)).eval()
         words = [t for t in model.generate(batch, max_new_tokens=4)[0] if t not in special]
         if words:
             break
@@ -78,7 +80,7 @@ def test_a_generated_pad_token_is_a_real_token_cached_or_not(attention):
 def test_cached_logits_equal_full_logits():
     """Stronger than equal argmax: every decoding step's logits match the full forward pass."""
     torch.manual_seed(1)
-    model = TinyMLLM(ModelConfig(attention="sigma", hidden_size=32, num_layers=2, num_heads=4, **D.model_fields())).eval()
+    model = TinyMLLM(tiny_config("sigma")).eval()
     full = D.collate([D.encode(D.load_split("test")[1])])
     n = full["tokens"].shape[1]
     reference = model({k: v for k, v in full.items() if k != "targets"}).logits
@@ -94,7 +96,7 @@ def test_cached_logits_equal_full_logits():
 def test_decoding_keeps_the_intra_stream_pure():
     """Changing the image does not change the intra-stream output of generated text at layer 0."""
     torch.manual_seed(2)
-    model = TinyMLLM(ModelConfig(attention="sigma", hidden_size=32, num_layers=1, num_heads=4, **D.model_fields())).eval()
+    model = TinyMLLM(tiny_config("sigma", num_layers=1)).eval()
     batch = D.collate([D.encode(D.load_split("test")[3])])
     other = dict(batch, patches=torch.rand_like(batch["patches"]) * (batch["modality"] == sr.IMAGE)[..., None])
     text = batch["modality"][0] == sr.TEXT
@@ -105,7 +107,7 @@ def test_decoding_keeps_the_intra_stream_pure():
 
 
 def test_generate_rejects_prompts_not_ending_in_answer():
-    model = TinyMLLM(ModelConfig(hidden_size=32, num_layers=1, num_heads=4, **D.model_fields()))
+    model = TinyMLLM(tiny_config(num_layers=1))
     batch = D.collate([D.encode(D.load_split("test")[0])])
     with pytest.raises(ValueError, match="must end with the answer token"):
         model.generate(batch)
@@ -149,8 +151,7 @@ def test_background_patches_are_encoded_once_with_the_same_values_and_gradients(
     """encode_patches runs the encoder on the patches with content and one zero patch, and shares that one's
     output among all background patches: the same function as encoding every patch, gradients included."""
     torch.manual_seed(len(background))
-    model = TinyMLLM(ModelConfig(attention="sigma", hidden_size=32, num_layers=1, num_heads=4, patch_encoder=encoder,
-                                 **D.model_fields()))
+    model = TinyMLLM(tiny_config("sigma", num_layers=1, patch_encoder=encoder))
     patches = torch.rand(len(background), D.PATCH_DIM)
     patches[torch.tensor(background, dtype=torch.bool)] = 0                           # [N, 192], some all zero
     grad_out = torch.randn(len(background), 32)
@@ -164,9 +165,9 @@ def test_background_patches_are_encoded_once_with_the_same_values_and_gradients(
 
 def test_the_recipe_sets_the_mlp_width():
     for ratio in (1, 4):
-        model = T.Trainer("sigma", dataclasses.replace(TINY, mlp_ratio=ratio), seed=0, device="cpu").model
+        model = T.Trainer("sigma", TINY.updated(mlp_ratio=ratio), seed=0, device="cpu").model
         assert model.config.mlp_ratio == ratio
-        assert all(block.mlp[0].out_features == ratio * TINY.hidden_size for block in model.blocks)
+        assert all(block.mlp[0].out_features == ratio * TINY.model.hidden_size for block in model.blocks)
 
 
 def test_muon_takes_the_blocks_weight_matrices_and_adamw_everything_else():
@@ -187,7 +188,7 @@ def test_muon_takes_the_blocks_weight_matrices_and_adamw_everything_else():
 
 @pytest.mark.parametrize("encoder", ["linear", "conv"])
 def test_muon_scope_blocks_and_patch_adds_only_the_patch_projection(encoder):
-    recipe = dataclasses.replace(TINY, optimizer="muon", muon_scope="blocks+patch", muon_momentum=0.9, patch_encoder=encoder)
+    recipe = TINY.updated(optimizer="muon", muon_scope="blocks+patch", muon_momentum=0.9, patch_encoder=encoder)
     trainer = T.Trainer("sigma", recipe, seed=0, device="cpu")
     adamw, muon = trainer.optimizers
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
@@ -251,13 +252,14 @@ def test_an_unreachable_target_trains_the_whole_budget_and_checks_at_each_interv
 @pytest.mark.parametrize("field, value, expected", [("target_exact_match", 1.5, "between 0 and 1"),
                                                      ("target_every", 0, "int >= 1"),
                                                      ("mlp_ratio", 0, "int >= 1"),
+                                                     ("num_layers", 0, "int >= 1"),
                                                      ("optimizer", "sgd", "one of"),
                                                      ("muon_scope", "everything", "one of"),
                                                      ("muon_momentum", 1.0, r"in \[0, 1\)"),
                                                      ("muon_momentum", True, r"in \[0, 1\)")])
 def test_train_config_rejects_bad_values(field, value, expected):
-    with pytest.raises(ValueError, match=f"TrainConfig.{field}.*{expected}"):
-        dataclasses.replace(TINY, **{field: value})
+    with pytest.raises(ValueError, match=f"Config.{field}.*{expected}"):      # TrainConfig or ModelConfig
+        TINY.updated(**{field: value})
 
 
 def test_learning_rate_schedule():

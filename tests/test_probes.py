@@ -8,13 +8,14 @@ import torch
 
 from sigma_ref import data as D
 from sigma_ref import evaluate, probes
-from sigma_ref.model import ModelConfig, TinyMLLM
+from sigma_ref.model import TinyMLLM
+
+from conftest import tiny_config
 
 
 def model(attention="sigma", split=None, layers=2, seed=0, **kw):
     torch.manual_seed(seed)
-    m = TinyMLLM(ModelConfig(attention=attention, hidden_size=32, num_layers=layers, num_heads=4,
-                             num_intra_heads=split, **kw, **D.model_fields())).eval()
+    m = TinyMLLM(tiny_config(attention, num_layers=layers, num_intra_heads=split, **kw)).eval()
     with torch.no_grad():              # larger weights than the init, so every effect is far from rounding
         for p in m.parameters():
             if p.dim() == 2:

@@ -8,8 +8,10 @@ from sigma_ref.lab import experiments as X
 from sigma_ref import runtime
 from sigma_ref import train as T
 
+from conftest import tiny_config
 
-TINY = T.TrainConfig(hidden_size=32, num_layers=2, num_heads=4, steps=12, batch_size=8, warmup_steps=3,
+
+TINY = T.TrainConfig(tiny_config(), steps=12, batch_size=8, warmup_steps=3,
                      eval_every=4, eval_samples=8, checkpoint_every=4)
 
 

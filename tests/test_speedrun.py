@@ -8,14 +8,16 @@ import pytest
 from sigma_ref.lab import speedrun
 from sigma_ref import train as T
 
-TINY = T.TrainConfig(hidden_size=32, num_layers=2, num_heads=4, steps=12, batch_size=8, warmup_steps=3,
+from conftest import tiny_config
+
+TINY = T.TrainConfig(tiny_config(), steps=12, batch_size=8, warmup_steps=3,
                      eval_every=4, eval_samples=8, checkpoint_every=4)
 
 
 def test_the_ladder_starts_at_the_old_recipe_and_ends_at_the_cpu_preset():
     recipes = speedrun.ladder_recipes()
     first, last = recipes[0][1], recipes[-1][1]
-    assert (first.hidden_size, first.num_layers, first.optimizer, first.steps) == (96, 3, "adamw", 3000)
+    assert (first.model.hidden_size, first.model.num_layers, first.optimizer, first.steps) == (96, 3, "adamw", 3000)
     preset = T.PRESETS["cpu"]
     # Only the stopping rule and the logging intervals differ: the speedrun sets its own target.
     bookkeeping = ("target_exact_match", "target_every", "eval_every", "checkpoint_every")

@@ -338,8 +338,8 @@ def crossover_table(sizes=(64, 128, 256, 384, 512, 1024), repeats=20, progress=T
 def training_step_table(progress: bool = True, preset: str = "cpu", repeats: int = 50):
     """Median training-step time of the tiny model for each attention (auto backend), ratio to standard."""
     config = get_preset(preset)
-    table = Table(f"Tiny-model training step, preset {preset} (D={config.hidden_size}, L={config.num_layers}, "
-                  f"H={config.num_heads}, batch {config.batch_size}), median ms, timed round-robin, ratio per round",
+    table = Table(f"Tiny-model training step, preset {preset} (D={config.model.hidden_size}, "
+                  f"L={config.model.num_layers}, H={config.model.num_heads}, batch {config.batch_size}), median ms, timed round-robin, ratio per round",
                   ["attention", "step ms", "ratio"])
     batch = DataStream(config.batch_size, 0, config.text_only_fraction).next()
     steps = {}
@@ -349,7 +349,7 @@ def training_step_table(progress: bool = True, preset: str = "cpu", repeats: int
     # The floor of any elementwise gate (Gated Attention's and SIGMA's): a standard step (its own trainer) and
     # the gate's bare arithmetic on the step's shapes, nothing else.
     trainer, rows = Trainer("standard", config, 0, device="cpu"), batch["tokens"].numel()
-    gate = gate_arithmetic_case(rows, config.hidden_size, config.num_layers)
+    gate = gate_arithmetic_case(rows, config.model.hidden_size, config.model.num_layers)
     steps["gate_arithmetic"] = lambda: (trainer.train_step(batch), gate())
     times = interleaved_times(steps, repeats, warmup=3)
     for key, t in times.items():

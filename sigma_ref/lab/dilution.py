@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -46,7 +45,7 @@ MIXES = {"text only": 0, "irrelevant images": MAX_TRAIN_IMAGES}
 KINDS = ("blank", "noise")
 TEXT_ONLY_SAMPLES = 150          # scenes of the text_only split per (count, kind)
 
-# SIGMA's parts as switches (ModelConfig fields), each trained under the irrelevant-images mix. H=4, L=2.
+# SIGMA's parts as switches (AttentionConfig fields; a split per layer is ModelConfig.intra_heads_per_layer), each trained under the irrelevant-images mix. H=4, L=2.
 ABLATIONS = {
     "sigma": {},
     "1 intra head": {"num_intra_heads": 1},
@@ -103,9 +102,10 @@ def _job(job: dict) -> dict:
 
 def _train_and_measure(attention: str, variant: str, overrides: dict, seed: int, train_mix: str, out_dir: str,
                        counts: tuple, preset: str = "cpu", text_only_samples: int = TEXT_ONLY_SAMPLES) -> dict:
-    config = replace(get_preset(preset), max_irrelevant_images=MIXES[train_mix])
+    config = get_preset(preset).updated(max_irrelevant_images=MIXES[train_mix])
     path = Path(out_dir) / _slug(train_mix) / f"{_slug(variant)}_seed{seed}"
-    wanted = {"config": asdict(config), "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
+    wanted = {"config": config.updated(attention=attention, **overrides).as_dict(),
+              "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
               "attention": attention, "counts": list(counts), "text_only_samples": text_only_samples}
     try:
         saved = json.loads((path / "metrics.json").read_text())

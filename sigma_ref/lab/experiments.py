@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import statistics
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -25,12 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import probes, viz
+from ..attention import ATTENTIONS
 from ..checks import check_int
 from ..evaluate import evaluate_all, load_model
 from ..runtime import TRAINING_THREADS, cpu_cores, machine_description, torch_threads, write_atomic
 from ..train import TrainConfig, Trainer, checkpoint_config, get_preset
 
-ATTENTION_KINDS = ("standard", "gated", "sigma")
+ATTENTION_KINDS = tuple(ATTENTIONS)          # every kind the package defines (attention.ATTENTIONS)
 
 TABLE_METRICS = [("caption_exact_match", "caption EM"), ("compositional_exact_match", "compositional EM"),
                  ("text_only_accuracy", "text-only acc"), ("dilution.blank.64", "text-only, 64 blank img"),
@@ -48,10 +48,10 @@ def train_and_evaluate(attention: str, preset: str, seed: int, out_dir: str | Pa
     """Train one model, evaluate it, write out_dir/metrics.json (and the checkpoint); return the metrics.
 
     The recipe is the preset's (with `backend`), or `config` when given (the preset is then only its name).
-    `model_overrides` are ModelConfig fields (SIGMA's ablation switches: num_intra_heads, bias_init, use_gates,
-    use_stream_bias). resume=True continues from out_dir/checkpoint.pt when there is one (same recipe, or ValueError).
+    `model_overrides` are ModelConfig or AttentionConfig fields (SIGMA's ablation switches num_intra_heads,
+    bias_init, use_gates, use_stream_bias; Gated Attention's headwise_gate; ...), recorded in metrics["config"]. resume=True continues from out_dir/checkpoint.pt when there is one (same recipe, or ValueError).
     """
-    config = config or replace(get_preset(preset), backend=backend)
+    config = config or get_preset(preset).updated(backend=backend)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(attention, config, seed, out_dir, device=device, model_overrides=model_overrides)
@@ -62,7 +62,7 @@ def train_and_evaluate(attention: str, preset: str, seed: int, out_dir: str | Pa
                "parameters": trainer.model.num_parameters(), "train_seconds": trainer.train_seconds,
                "target_reached": trainer.target_reached, "threads": torch.get_num_threads(),
                "device": str(trainer.device) if trainer.device.type == "cpu" else torch.cuda.get_device_name(),
-               "config": asdict(config), "model_config": asdict(trainer.model.config),
+               "config": trainer.config.as_dict(),
                **evaluate_all(trainer.model, config.eval_samples),
                "loss_curve": trainer.loss_curve, "validation_curve": trainer.validation_curve,
                "exact_match_curve": trainer.exact_match_curve, "gate_history": trainer.gate_history}
@@ -113,10 +113,10 @@ def ensure_trained(preset: str, seeds, out_dir: str | Path, attentions=ATTENTION
     from it; a checkpoint of another recipe is set aside (renamed checkpoint.pt.stale) and training restarts.
     What is missing trains in `workers` processes (default: default_workers), each with TRAINING_THREADS.
     """
-    config = replace(get_preset(preset), backend=backend)
-    wanted = asdict(config)
+    config = get_preset(preset).updated(backend=backend)
     finished, jobs = {}, []
     for attention in attentions:
+        wanted = config.updated(attention=attention).as_dict()
         for seed in seeds:
             path = run_dir(out_dir, attention, seed)
             metrics = _read_metrics(path / "metrics.json")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import multiprocessing
 import statistics
 import time
-from dataclasses import replace
 
 from tqdm.auto import tqdm
 
@@ -26,14 +25,16 @@ from .. import data as D
 from ..evaluate import evaluate
 from .experiments import ATTENTION_KINDS, default_workers, run_in_workers
 from ..runtime import TRAINING_THREADS, torch_threads
+from ..attention import AttentionConfig
+from ..model import ModelConfig
 from ..train import TrainConfig, Trainer, get_preset
 
 # The recipe's history, one change at a time; each rung keeps every change above it. The first rung is the
 # `cpu` preset before the speedrun; the last is the `cpu` preset now (tests/test_speedrun.py checks that).
 LADDER = [
     ("before: D=96, L=3, AdamW lr 3e-3, 3000-step schedule",
-     TrainConfig(hidden_size=96, num_layers=3, num_heads=4, steps=3000, batch_size=48, eval_every=250,
-                 checkpoint_every=500)),
+     TrainConfig(ModelConfig(attn=AttentionConfig(hidden_size=96, num_heads=4), num_layers=3, **D.model_fields()),
+                 steps=3000, batch_size=48, eval_every=250, checkpoint_every=500)),
     ("Muon for the blocks' weight matrices", dict(optimizer="muon")),
     ("smaller model D=64, L=2; lr 6e-3, 800-step schedule", dict(hidden_size=64, num_layers=2, lr=6e-3, steps=800)),
     ("conv patch encoder (3x3 conv + GELU in each patch)", dict(patch_encoder="conv")),
@@ -51,7 +52,7 @@ def ladder_recipes() -> list[tuple[str, TrainConfig]]:
     """[(change, recipe)] with each rung's changes applied on top of the rung before."""
     recipes, recipe = [], None
     for change, step in LADDER:
-        recipe = step if isinstance(step, TrainConfig) else replace(recipe, **step)
+        recipe = step if isinstance(step, TrainConfig) else recipe.updated(**step)
         recipes.append((change, recipe))
     return recipes
 
@@ -90,7 +91,7 @@ COLUMNS = ["median s", "min s", "max s", "reached", "median step", "test caption
 def time_to_accuracy_table(preset: str = "cpu", seeds: int = 3, target: float = 0.95, workers: int | None = None,
                            progress: bool = True) -> tuple[Table, list[dict]]:
     """Time to `target` validation caption exact match for each attention, seeds 0..seeds-1, side by side."""
-    config = replace(get_preset(preset), target_exact_match=target)
+    config = get_preset(preset).updated(target_exact_match=target)
     jobs = [{"attention": a, "seed": s, "config": config} for s in range(seeds) for a in ATTENTION_KINDS]
     results = run_to_target(jobs, workers, progress)
     table = Table(f"Time to {target:.0%} validation caption exact match, preset {preset}, seeds 0-{seeds - 1} "
@@ -105,7 +106,7 @@ def speedrun_log_table(seeds: int = 3, target: float = 0.95, attention: str = "s
                        progress: bool = True) -> tuple[Table, list[dict]]:
     """Each rung of LADDER trained to `target` for seeds 0..seeds-1 (SIGMA), all rungs in one run."""
     recipes = ladder_recipes()
-    jobs = [{"attention": attention, "seed": s, "config": replace(recipe, target_exact_match=target, target_every=50),
+    jobs = [{"attention": attention, "seed": s, "config": recipe.updated(target_exact_match=target, target_every=50),
              "rung": i}
             for s in range(seeds) for i, (_, recipe) in enumerate(recipes)]
     results = run_to_target(jobs, workers, progress)

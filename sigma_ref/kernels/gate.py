@@ -42,9 +42,9 @@ class GatedOutputProjection(torch.autograd.Function):
 
     What it cannot save: one layer's peak memory is reached later, inside the attention kernel's backward
     pass, and at that moment the gate's share of x's gradient (one [B, S, D] tensor) is already computed and
-    waits for the q, k and v projections' shares to be added to it. Computing this backward in blocks of rows
-    (tried) leaves that peak where it is; a backward that also owns the q/k/v projections does not have it
-    (layer.py, which the modules use on the CPU packed path).
+    waits for the q, k and v projections' shares to be added to it, however this backward is computed; a
+    backward that also owns the q/k/v projections does not have it (layer.py, which the modules use on the
+    CPU packed path).
 
     x, o [B, S, D]; gate_weight [D, D]; table [M, D] (the stream bias per modality) or None; ids [B, S];
     out_weight [D, D] (o_proj's).

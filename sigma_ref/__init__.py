@@ -27,7 +27,6 @@ from .attention import (
     GatedAttention,
     SigmaAttention,
     StandardAttention,
-    make_attention,
 )
 from .kernels import BACKENDS, GroupLayout, grouped_causal_attention, sigma_attention
 from .masks import (
@@ -49,12 +48,13 @@ __version__ = "0.2.0"
 
 # The core's heavier modules, and the lab's and teaching's under the short names the notebooks use
 # (`sr.experiments` is sigma_ref.lab.experiments), each imported on first use.
-_LAZY_MODULES = {name: name for name in ("model", "data", "evaluate", "probes", "optim", "train", "viz", "widgets",
+_LAZY_MODULES = {name: name for name in ("moda", "var", "model", "data", "evaluate", "probes", "optim", "train", "viz", "widgets",
                                          "runtime", "lab", "teaching", "testing")}
 _LAZY_MODULES.update({name: f"lab.{name}" for name in ("experiments", "bench", "lower_bounds", "speedrun",
                                                        "dilution", "gpucheck")})
 _LAZY_MODULES["course"] = "teaching.course"
-_LAZY_NAMES = {"TinyMLLM": "model", "ModelConfig": "model"}
+_LAZY_NAMES = {"TinyMLLM": "model", "ModelConfig": "model", "make_attention": "model", "ATTENTIONS": "model",
+               "ModaAttention": "moda"}
 
 
 def __getattr__(name: str):

@@ -8,12 +8,12 @@ import json
 import sys
 
 from . import data, kernels, masks, train
-from .attention import ATTENTIONS
+from .model import ATTENTIONS
 from .lab import bench, dilution, experiments, gpucheck, report, speedrun
 from .teaching import course
 from .runtime import TRAINING_THREADS, machine_description, torch_threads
 
-KINDS = tuple(ATTENTIONS)          # the attention kinds: attention.ATTENTIONS is the one list
+KINDS = tuple(ATTENTIONS)          # the attention kinds: model.ATTENTIONS is the one list
 PRESETS = tuple(train.PRESETS)
 
 

@@ -46,6 +46,8 @@ STREAM_NAMES = {INTRA: "intra", GLOBAL: "global"}
 # leans on within-text modelling), global-text negative (cross-modal mixing starts suppressed and is opened on
 # demand). It leaves the image entries open; 0 (gate 0.5, neutral) is the choice that assumes least.
 DEFAULT_BIAS_INIT = ((1.0, 0.0), (-1.0, 0.0))
+MODA_GRAMS = ("kk", "kv")                  # what MODA's Gram matrix sums: k_hat k^T (paper) or k_hat v^T (code)
+MODA_FUSER_INITS = ("identity", "released")
 
 
 @dataclass
@@ -61,6 +63,9 @@ class AttentionConfig:
     use_stream_bias  SIGMA ablation: False removes B (gates become sigmoid(gate_s_proj(x))).
     headwise_gate    GatedAttention only: one gate value per head instead of one per channel.
     backend          the kernel: "auto", "math", "sdpa", "packed", "flex" or "flash" (see kernels/).
+    moda_*           ModaAttention only (moda.py explains each): the Gram matrix ("kk" as in the paper, "kv" as
+                     released), both aligners or image keys only (duplex), a causal Gram sum, the fuser's init
+                     ("identity" or "released"), the pseudo-logit, and alignment at all (moda_align).
     """
 
     hidden_size: int = 128
@@ -71,6 +76,12 @@ class AttentionConfig:
     use_stream_bias: bool = True
     headwise_gate: bool = False
     backend: str = "auto"
+    moda_gram: str = "kk"
+    moda_duplex: bool = True
+    moda_causal: bool = True
+    moda_fuser_init: str = "identity"
+    moda_pseudo_logit: bool = True
+    moda_align: bool = True
 
     def __post_init__(self):
         check_int("hidden_size", self.hidden_size, low=1)
@@ -82,9 +93,12 @@ class AttentionConfig:
             self.num_intra_heads = self.num_heads // 2
         check_int("num_intra_heads", self.num_intra_heads, 0, self.num_heads, why="(0..num_heads)")
         self.bias_init = _check_bias_init(self.bias_init)
-        for name in ("use_gates", "use_stream_bias", "headwise_gate"):
+        for name in ("use_gates", "use_stream_bias", "headwise_gate", "moda_duplex", "moda_causal",
+                     "moda_pseudo_logit", "moda_align"):
             check_bool(name, getattr(self, name))
         check_choice("backend", self.backend, kernels.BACKENDS)
+        check_choice("moda_gram", self.moda_gram, MODA_GRAMS)
+        check_choice("moda_fuser_init", self.moda_fuser_init, MODA_FUSER_INITS)
 
     @property
     def head_dim(self) -> int:
@@ -334,13 +348,5 @@ class SigmaAttention(_Attention):
         return self.o_proj(gated), AttentionDetails(o_intra, o_global, g_intra, g_global, probs)
 
 
-ATTENTIONS = {"standard": StandardAttention, "gated": GatedAttention, "sigma": SigmaAttention}
-
-
-def make_attention(kind: str, config: AttentionConfig) -> _Attention:
-    """The attention layer named `kind` (a key of ATTENTIONS)."""
-    return ATTENTIONS[check_choice("attention", kind, ATTENTIONS)](config)
-
-
 __all__ = ["AttentionConfig", "AttentionDetails", "StandardAttention", "GatedAttention", "SigmaAttention",
-           "make_attention", "ATTENTIONS", "KVCache", "DEFAULT_BIAS_INIT", "INTRA", "GLOBAL", "STREAM_NAMES", "TEXT", "IMAGE"]
+           "KVCache", "DEFAULT_BIAS_INIT", "INTRA", "GLOBAL", "STREAM_NAMES", "TEXT", "IMAGE"]

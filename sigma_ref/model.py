@@ -2,11 +2,11 @@
 
     text tokens ─ token embedding + text position ─┐
                                                     ├─ + modality embedding ─> [pre-norm blocks] x L ─> LM head
-    image patches ─ linear patch embedding + 2-D ──┘          (attention: standard | gated | sigma)
+    image patches ─ linear patch embedding + 2-D ──┘     (attention: standard | gated | sigma | moda)
                     (row, column) position
 
 One sequence = prompt text, image patches, caption (see data.py). The blocks are ordinary pre-norm
-transformer blocks; only the attention changes between the three models, so any difference in what they
+transformer blocks; only the attention changes between the models, so any difference in what they
 learn comes from the attention. Text positions count text tokens only and patches carry their (row, col),
 so inserting image tokens never shifts a text token's position (data.py explains why).
 
@@ -25,8 +25,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import check_bool, check_choice, check_int
-from .attention import ATTENTIONS, AttentionConfig, KVCache, make_attention, prepare_layout
+from .attention import AttentionConfig, GatedAttention, KVCache, SigmaAttention, StandardAttention, prepare_layout
+from .moda import ModaAttention
 from .masks import IMAGE, NUM_MODALITIES, TEXT
+
+
+# The attention kinds, listed once: the command line, the experiments and the notebooks read this.
+ATTENTIONS = {"standard": StandardAttention, "gated": GatedAttention, "sigma": SigmaAttention, "moda": ModaAttention}
+
+
+def make_attention(kind: str, config: AttentionConfig) -> nn.Module:
+    """The attention layer named `kind` (a key of ATTENTIONS)."""
+    return ATTENTIONS[check_choice("attention", kind, ATTENTIONS)](config)
 
 
 @dataclass
@@ -41,7 +51,7 @@ class ModelConfig:
     `config.updated(num_layers=3, use_gates=False)` changes fields of either level by name.
     """
 
-    attention: str = "sigma"                 # a key of attention.ATTENTIONS: "standard", "gated", "sigma", ...
+    attention: str = "sigma"                 # a key of ATTENTIONS: "standard", "gated", "sigma" or "moda"
     attn: AttentionConfig = field(default_factory=AttentionConfig)   # width, heads, SIGMA's and the gate's options
     num_layers: int = 4
     intra_heads_per_layer: tuple | None = None   # SIGMA: one split per layer (e.g. (2, 0)); None: attn's everywhere

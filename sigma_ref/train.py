@@ -1,4 +1,4 @@
-"""Train the tiny MLLM: one recipe and one trainer for all three attentions, so the comparison is fair.
+"""Train the tiny MLLM: one recipe and one trainer for every attention, so the comparison is fair.
 
     python -m sigma_ref train --attention sigma --preset cpu --seed 0 --out runs/sigma0
 

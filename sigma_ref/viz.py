@@ -18,7 +18,7 @@ import torch
 
 from . import masks as M
 
-MODEL_COLOURS = {"standard": "#7f7f7f", "gated": "#1f77b4", "sigma": "#d62728"}
+MODEL_COLOURS = {"standard": "#7f7f7f", "gated": "#1f77b4", "sigma": "#d62728", "moda": "#ff7f0e"}
 STREAM_COLOURS = {"intra": "#2ca02c", "global": "#9467bd"}
 
 

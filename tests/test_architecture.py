@@ -25,10 +25,11 @@ FLOORS = [
     ["kernels.fused"],                 # a whole layer in one call: dispatch + gate + layer
     ["kernels"],
     ["attention"],
+    ["moda"],
     ["model"],
     ["data"],
     ["evaluate"],
-    ["probes", "optim"],
+    ["probes", "optim", "var"],
     ["train"],
     ["viz"],
     ["widgets"],

@@ -9,6 +9,7 @@ import sigma_ref as sr
 from sigma_ref.lab import bench
 from sigma_ref.lab import lower_bounds
 from sigma_ref.kernels import packed
+from sigma_ref.model import ATTENTIONS
 
 
 @pytest.mark.parametrize("n", [64, 66, 131])
@@ -104,11 +105,11 @@ def test_gate_arithmetic_floor_is_a_gates_forward_and_backward(monkeypatch):
         assert h.shape == o.shape == grad.shape == (6, 4) and weight.shape == (4, 4)
 
 
-def test_training_step_table_times_the_gate_floor_beside_the_three_attentions(monkeypatch):
+def test_training_step_table_times_the_gate_floor_beside_every_attention(monkeypatch):
     once = lambda fns, repeats, **kwargs: {name: [(fn(), 1.0)[1]] for name, fn in fns.items()}   # each runs
     monkeypatch.setattr(bench, "interleaved_times", once)
     table = bench.training_step_table(progress=False, repeats=1)
-    assert [row[0] for row in table.rows] == ["standard", "gated", "sigma", lower_bounds.GATE_ARITHMETIC]
+    assert [row[0] for row in table.rows] == [*ATTENTIONS, lower_bounds.GATE_ARITHMETIC]
 
 
 @pytest.mark.parametrize("repeats", [0, -2, 1.5])

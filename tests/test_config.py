@@ -15,9 +15,9 @@ from sigma_ref import __main__ as cli
 from sigma_ref import data as D
 from sigma_ref import evaluate as E
 from sigma_ref import train as T
-from sigma_ref.attention import ATTENTIONS, AttentionConfig, StandardAttention
+from sigma_ref.attention import AttentionConfig, StandardAttention
 from sigma_ref.lab import experiments as X
-from sigma_ref.model import ModelConfig, TinyMLLM
+from sigma_ref.model import ATTENTIONS, ModelConfig, TinyMLLM
 
 from conftest import tiny_config
 
@@ -74,7 +74,9 @@ options = st.fixed_dictionaries({
     "use_gates": st.booleans(), "use_stream_bias": st.booleans(), "headwise_gate": st.booleans(),
     "backend": st.sampled_from(("auto", "math", "packed")), "precision": st.sampled_from(("float32", "bfloat16")),
     "mlp_ratio": st.integers(1, 3), "patch_encoder": st.sampled_from(("linear", "conv")),
-    "lr": st.floats(1e-4, 1e-2), "steps": st.integers(1, 50)})
+    "moda_gram": st.sampled_from(("kk", "kv")), "moda_duplex": st.booleans(), "moda_causal": st.booleans(),
+    "moda_pseudo_logit": st.booleans(), "lr": st.floats(1e-4, 1e-2), "steps": st.integers(1, 50)}).filter(
+    lambda o: not (o["attention"] == "moda" and o["backend"] == "packed"))     # MODA computes densely
 
 
 @settings(max_examples=25, deadline=None)
@@ -91,6 +93,10 @@ def test_every_option_reaches_the_model_and_survives_the_checkpoint_form(changes
         assert layer.num_intra_heads == split and block.mlp[0].out_features == changes["mlp_ratio"] * 32
         if changes["attention"] == "gated":
             assert block.attn.gate_proj.out_features == (4 if changes["headwise_gate"] else 32)
+        if changes["attention"] == "moda":
+            assert (block.attn.text_aligner is not None, block.attn.p_base is not None) == \
+                   (changes["moda_duplex"], changes["moda_pseudo_logit"])
+            assert (layer.moda_gram, layer.moda_causal) == (changes["moda_gram"], changes["moda_causal"])
     assert (recipe.lr, recipe.steps, recipe.model.precision) == (changes["lr"], changes["steps"], changes["precision"])
 
 
@@ -115,13 +121,14 @@ def test_a_new_head_count_takes_the_default_split_unless_one_is_given():
     assert config.updated(num_heads=8, num_intra_heads=3).attn.num_intra_heads == 3
 
 
-def test_the_committed_runs_flat_model_configs_still_read():
-    """Runs written before the attention's options moved into `attn` record a flat model_config."""
-    runs = json.loads((ROOT / "results" / "cpu" / "results.json").read_text())["runs"]
-    for attention, results in runs.items():
-        for run in results:
-            assert "attn" not in run["model_config"]                  # the committed runs are of the old form
-            assert ModelConfig.from_dict(run["model_config"]) == T.get_preset("cpu").updated(attention=attention).model
+def test_flat_model_configs_of_earlier_runs_still_read():
+    """Runs written before the attention's options moved into `attn` recorded a flat model_config; the fixture
+    holds seed 0's record of each attention as results/cpu committed it then."""
+    records = json.loads((ROOT / "tests" / "fixtures" / "flat_configs.json").read_text())
+    assert set(records) == {"standard", "gated", "sigma"}
+    for attention, record in records.items():
+        assert "attn" not in record["model_config"] and "hidden_size" in record["config"]
+        assert ModelConfig.from_dict(record["model_config"]) == T.get_preset("cpu").updated(attention=attention).model
 
 
 def test_a_checkpoint_of_the_old_form_loads_into_the_same_model(tmp_path):

@@ -9,6 +9,7 @@ from sigma_ref import data as D
 from sigma_ref.lab import dilution
 from sigma_ref import train as T
 from sigma_ref.masks import IMAGE
+from sigma_ref.model import ATTENTIONS
 from sigma_ref.runtime import TRAINING_THREADS
 
 from conftest import tiny_config
@@ -57,7 +58,8 @@ def test_a_tiny_dilution_run_writes_every_record_and_reuses_its_models(tmp_path,
     monkeypatch.setitem(T.PRESETS, "tiny", TINY)
     dilution.run_dilution(1, tmp_path, workers=1, progress=False, preset="tiny", text_only_samples=6)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert len(results["runs"]) == 3 * 2 * 2                              # attentions x mixes x kinds
+    assert len(results["runs"]) == len(ATTENTIONS) * 2 * 2                # attentions x mixes x kinds
+    assert {r["attention"] for r in results["runs"]} == set(ATTENTIONS)
     for record in results["runs"]:
         assert set(record["accuracy"]) == {str(n) for n in dilution.inserted_counts()} == set(record["loss"])
         assert record["max_train_images"] == dilution.MIXES[record["train_mix"]]

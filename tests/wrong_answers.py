@@ -120,4 +120,26 @@ def relative_drop(metrics, kind, n):
     return 0.0 if acc["0"] == 0 else acc[str(n)] / acc["0"]          # what is kept, not what is lost
 """,
     ],
+    "09_neighbours": [
+        """\
+def var_row(row, is_image, is_sink, p=0.4, rho=0.5, floor=0.2):
+    image = sum(a for a, i in zip(row, is_image) if i)
+    plain = sum(a for a, i, s in zip(row, is_image, is_sink) if i and not s)
+    if image < floor or image == 0 or plain / image < rho or plain == 0:
+        return list(row)
+    freed = (1 - p) * sum(a for a, s in zip(row, is_sink) if s)        # the released code's p: the share KEPT
+    return [a * p if s else a + freed * a / plain if i else a for a, i, s in zip(row, is_image, is_sink)]
+""",
+        """\
+def var_row(row, is_image, is_sink, p=0.4, rho=0.5, floor=0.2):
+    image = sum(a for a, i in zip(row, is_image) if i)
+    plain = [i and not s for i, s in zip(is_image, is_sink)]
+    plain_mass = sum(a for a, k in zip(row, plain) if k)
+    if image < floor or image == 0 or plain_mass / image < rho or plain_mass == 0:
+        return list(row)
+    freed = p * sum(a for a, s in zip(row, is_sink) if s)
+    share = freed / sum(plain)                                          # evenly, not in proportion
+    return [a * (1 - p) if s else a + share if k else a for a, s, k in zip(row, is_sink, plain)]
+""",
+    ],
 }

@@ -48,10 +48,17 @@ class LayerWeights:
 
 
 class KVCache:
-    """One layer's keys, values and modality ids so far ([B, H, S, d], [B, H, S, d], [B, S]); starts empty."""
+    """One layer's keys, values and modality ids so far ([B, H, S, d], [B, H, S, d], [B, S]); starts empty.
+    `state` holds what else a layer carries from step to step (MODA: its running Gram sums)."""
 
     def __init__(self):
         self.k = self.v = self.modality_ids = None
+        self.state: dict = {}
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far."""
+        return 0 if self.k is None else self.k.shape[2]
 
     def append(self, k, v, modality_ids):
         if self.k is None:

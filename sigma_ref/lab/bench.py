@@ -43,7 +43,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import kernels
-from ..attention import ATTENTIONS, AttentionConfig, make_attention
+from ..attention import AttentionConfig
+from ..model import ATTENTIONS, make_attention
 from ..data import DataStream
 from .lower_bounds import (FREE_PACKING_MODULE, GATE_ARITHMETIC, PACKED_SHAPES, free_packing_forward, gate_arithmetic_case,
                      half_image_layout, packed_shapes)

@@ -56,6 +56,15 @@ ABLATIONS = {
     "stream bias off": {"use_stream_bias": False},
     "bias init 0": {"bias_init": ((0.0, 0.0), (0.0, 0.0))},
 }
+# MODA's parts likewise (moda.py): each part off, and the form its authors released (K^T V Gram matrix, image
+# keys aligned to text only, summed over the whole sequence, default fuser init, no mask).
+MODA_ABLATIONS = {
+    "moda": {},
+    "moda, alignment off": {"moda_align": False},
+    "moda, pseudo-logit off": {"moda_pseudo_logit": False},
+    "moda as released": {"moda_gram": "kv", "moda_duplex": False, "moda_causal": False,
+                         "moda_fuser_init": "released", "moda_pseudo_logit": False},
+}
 
 
 def inserted_counts(k: int = MAX_TRAIN_IMAGES) -> tuple[int, ...]:
@@ -92,6 +101,11 @@ def gate_profile(model) -> dict:
                "describe": probes.probe_batch()}
     return {name: [{stream: v.get("text") for stream, v in layer.items()} for layer in probes.gate_means(model, batch)]
             for name, batch in batches.items()}
+
+
+def _has_gates(model) -> bool:
+    return any(getattr(block.attn, name, None) is not None for block in model.blocks
+               for name in ("gate_proj", "gate_intra_proj", "gate_global_proj"))
 
 
 def _job(job: dict) -> dict:
@@ -131,7 +145,7 @@ def _train_and_measure(attention: str, variant: str, overrides: dict, seed: int,
                "loss": {kind: {n: r["loss"] for n, r in rows.items()} for kind, rows in measured.items()},
                "image_mass": irrelevant_image_mass(model, expand_batch(MAX_TRAIN_IMAGES)),
                "streams": [probes.head_streams(model, layer) for layer in range(len(model.blocks))],
-               "gates": gate_profile(model) if attention != "standard" else None,
+               "gates": gate_profile(model) if _has_gates(model) else None,
                "gate_history": trainer.gate_history}
     write_atomic(path / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
@@ -185,7 +199,7 @@ def paired_table(metrics: list[dict], counts) -> str:
     for mix in MIXES:
         for kind in KINDS:
             for n in (counts[2], counts[4]):
-                for baseline in ("standard", "gated"):
+                for baseline in (a for a in ATTENTION_KINDS if a != "sigma"):
                     sigma, other = _by(metrics, train_mix=mix, variant="sigma"), _by(metrics, train_mix=mix, variant=baseline)
                     pairs = [(s["accuracy"][kind][str(n)], o["accuracy"][kind][str(n)])
                              for s, o in zip(sigma, other) if s["seed"] == o["seed"]]
@@ -196,11 +210,11 @@ def paired_table(metrics: list[dict], counts) -> str:
     return "\n".join(lines)
 
 
-def ablation_table(metrics: list[dict], counts) -> str:
-    lines = ["| SIGMA variant (trained with irrelevant images) | caption EM | " +
+def ablation_table(metrics: list[dict], counts, ablations: dict = ABLATIONS, name: str = "SIGMA") -> str:
+    lines = [f"| {name} variant (trained with irrelevant images) | caption EM | " +
              " | ".join(f"{kind} {n}" for kind in KINDS for n in (counts[2], counts[4], counts[5])) + " |",
              "|---" * (2 + 3 * len(KINDS)) + "|"]
-    for variant in ABLATIONS:
+    for variant in ablations:
         runs = _by(metrics, train_mix="irrelevant images", variant=variant)
         if runs:
             cells = [mean_std_text([r["caption_exact_match"] for r in runs])]
@@ -275,15 +289,18 @@ def run_dilution(seeds: int = 3, out_dir: str | Path = "results/dilution", ablat
     jobs = [{"attention": a, "variant": a, "overrides": {}, "seed": s, "train_mix": mix, **common}
             for s in range(seeds) for mix in MIXES for a in ATTENTION_KINDS]
     if ablations:
-        jobs += [{"attention": "sigma", "variant": v, "overrides": o, "seed": s, "train_mix": "irrelevant images", **common}
-                 for s in range(seeds) for v, o in ABLATIONS.items() if v != "sigma"]
+        jobs += [{"attention": attention, "variant": v, "overrides": o, "seed": s, "train_mix": "irrelevant images",
+                  **common}
+                 for attention, grid in (("sigma", ABLATIONS), ("moda", MODA_ABLATIONS))
+                 for s in range(seeds) for v, o in grid.items() if v != attention]
     metrics = run_in_workers(_job, jobs, workers, "dilution", progress)
     report = (f"Dilution experiment: `{preset}` preset, seeds 0-{seeds - 1}, text-only split ({text_only_samples} scenes "
               f"per cell); machine: {machine_description()}\n\n## Accuracy (mean ± std over seeds)\n\n"
               f"{main_table(metrics, counts)}\n\n## SIGMA against the baselines, seed by seed\n\n"
               f"{paired_table(metrics, counts)}\n\n## Mechanism\n\n{mechanism_table(metrics)}\n")
     if ablations:
-        report += f"\n## SIGMA's parts\n\n{ablation_table(metrics, counts)}\n"
+        report += (f"\n## SIGMA's parts\n\n{ablation_table(metrics, counts)}\n"
+                   f"\n## MODA's parts\n\n{ablation_table(metrics, counts, MODA_ABLATIONS, 'MODA')}\n")
     write_atomic(out_dir / "results.md", report)
     write_atomic(out_dir / "results.json", json.dumps(
         {"machine": machine_description(), "seeds": list(range(seeds)), "counts": list(counts),

@@ -24,13 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import probes, viz
-from ..attention import ATTENTIONS
+from ..model import ATTENTIONS
 from ..checks import check_int
 from ..evaluate import evaluate_all, load_model
 from ..runtime import TRAINING_THREADS, cpu_cores, machine_description, torch_threads, write_atomic
 from ..train import TrainConfig, Trainer, checkpoint_config, get_preset
 
-ATTENTION_KINDS = tuple(ATTENTIONS)          # every kind the package defines (attention.ATTENTIONS)
+ATTENTION_KINDS = tuple(ATTENTIONS)          # every kind the package defines (model.ATTENTIONS)
 
 TABLE_METRICS = [("caption_exact_match", "caption EM"), ("compositional_exact_match", "compositional EM"),
                  ("text_only_accuracy", "text-only acc"), ("dilution.blank.64", "text-only, 64 blank img"),

@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 from .bench import Table
-from .dilution import load_metrics, paired_permutation_p
+from .dilution import ABLATIONS, MODA_ABLATIONS, load_metrics, paired_permutation_p
 from .experiments import ATTENTION_KINDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,19 +101,21 @@ def dilution_figures(results: Path) -> str:
     for kind, n in (("noise", 64), ("noise", 128), ("blank", 64)):
         sigma = acc(mixed, "sigma", kind, n)
         parts = []
-        for other in ("standard", "gated"):
+        for other in (a for a in ATTENTION_KINDS if a != "sigma"):
             differences = [s - o for s, o in zip(sigma, acc(mixed, other, kind, n))]
             parts.append(f"ahead of {other} on {sum(d > 0 for d in differences)} of {seeds} seeds "
                          f"(paired sign-flip p = {paired_permutation_p(differences):.2f})")
         lines.append(f"- Trained with irrelevant images, {n} {kind} tokens: "
                      + ", ".join(f"{a} {mean(mixed, a, kind, n):.2f}" for a in ATTENTION_KINDS)
                      + "; SIGMA " + ", ".join(parts) + ".")
-    variants = sorted({m["variant"] for m in metrics if m["train_mix"] == mixed} - set(ATTENTION_KINDS))
-    if variants:
-        lines.append("- SIGMA's ablations (irrelevant images; 64 blank / 128 noise): "
-                     + ", ".join(f"{v} {mean(mixed, v, 'blank', 64):.2f} / {mean(mixed, v, 'noise', 128):.2f}"
-                                 for v in ["sigma", *variants]) + "; SIGMA's own seeds at 64 blank span "
-                     f"{min(acc(mixed, 'sigma', 'blank', 64)):.2f}-{max(acc(mixed, 'sigma', 'blank', 64)):.2f}.")
+    for name, grid in (("SIGMA", ABLATIONS), ("MODA", MODA_ABLATIONS)):
+        variants = [v for v in grid if by(mixed, v)]
+        own = acc(mixed, name.lower(), "blank", 64)
+        if len(variants) > 1 and own:
+            lines.append(f"- {name}'s ablations (irrelevant images; 64 blank / 128 noise): "
+                         + ", ".join(f"{v} {mean(mixed, v, 'blank', 64):.2f} / {mean(mixed, v, 'noise', 128):.2f}"
+                                     for v in variants) + f"; {name}'s own seeds at 64 blank span "
+                         f"{min(own):.2f}-{max(own):.2f}.")
     lines.append("- Caption exact match under the irrelevant-images mix: "
                  + ", ".join(f"{a} {statistics.fmean(m['caption_exact_match'] for m in by(mixed, a)):.3f}"
                              for a in ATTENTION_KINDS) + ".")
@@ -179,8 +181,8 @@ def speedrun_figures(results: Path) -> str:
 # -- the package map: each module's own first sentence, in import order -------------------------------------
 
 PACKAGE = ROOT / "sigma_ref"
-MAP_ORDER = ("checks", "runtime", "masks", "kernels/", "attention", "model", "data", "evaluate", "probes", "optim",
-             "train", "viz", "widgets", "lab/", "teaching/", "testing/")
+MAP_ORDER = ("checks", "runtime", "masks", "kernels/", "attention", "moda", "model", "data", "evaluate", "probes",
+             "var", "optim", "train", "viz", "widgets", "lab/", "teaching/", "testing/")
 
 
 def first_sentence(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Command line: python -m sigma_ref {train,compare,figures,bench,dilution,gpu-check,data,demo,release,book,report}
+"""Command line: python -m sigma_ref {train,compare,figures,bench,dilution,var,gpu-check,data,demo,release,book,report}
 (each has --help)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 from . import data, kernels, masks, train
 from .model import ATTENTIONS
-from .lab import bench, dilution, experiments, gpucheck, report, speedrun
+from .lab import bench, dilution, experiments, gpucheck, report, speedrun, var_study
 from .teaching import course
 from .runtime import TRAINING_THREADS, machine_description, torch_threads
 
@@ -84,6 +84,15 @@ def _compare(args) -> None:
 
 def _dilution(args) -> None:
     dilution.run_dilution(args.seeds, args.out, ablations=args.ablations, workers=args.workers)
+
+
+def _var(args) -> None:
+    try:
+        var_study.run_var_study(args.runs, args.seeds, args.out, None if args.dilution == "none" else args.dilution,
+                                workers=args.workers)
+    except ValueError as error:
+        print(f"var: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _gpu_check(args) -> None:
@@ -189,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablations", action="store_true", help="also train SIGMA's ablation grid (its config switches)")
     p.add_argument("--workers", type=int, default=None, help="parallel training processes (default: one per core)")
     p.set_defaults(run=_dilution)
+
+    p = commands.add_parser("var", help="VAR on trained models: sink dimensions, the paper's tests, and VAR applied "
+                                         "over p x rho (writes OUT/results.json, .md and phi_distributions.png)")
+    p.add_argument("--runs", default="results/cpu", help="a compare run's directory (default: results/cpu)")
+    p.add_argument("--dilution", default="results/dilution",
+                   help="a dilution run's directory, or 'none' (default: results/dilution)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 of each attention")
+    p.add_argument("--out", default="results/var", help="output directory (default: results/var)")
+    p.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per core)")
+    p.set_defaults(run=_var)
 
     p = commands.add_parser("gpu-check", help="on CUDA: backends vs math in bf16, the benchmark to N=16384, the "
                                                  "gpu preset; writes OUT/gpu_check.json and .md (exits 1 without CUDA)")

@@ -170,6 +170,9 @@ class _Attention(nn.Module):
     """
 
     num_intra_heads = 0          # standard and gated attention: every head is global
+    # A function of the attention probabilities [B, H, Q, S] applied after the softmax, before they weight the
+    # values; None: attention as trained. var.redistributing() sets it (VAR, a training-free edit).
+    probs_edit = None
 
     def __init__(self, config: AttentionConfig):
         super().__init__()
@@ -209,14 +212,15 @@ class _Attention(nn.Module):
     def fast_forward(self, x, layout: kernels.GroupLayout, cache: KVCache | None = None) -> torch.Tensor:
         """y [B, S, D]: the same function as the step-by-step forward, by the cheapest exact route."""
         return kernels.attention_layer(x, self.weights(), layout, self.config.num_heads, self.num_intra_heads,
-                                       backend=self.config.backend, cache=cache)
+                                       backend=self.config.backend, cache=cache, edit=self.probs_edit)
 
     def attend(self, x, layout: kernels.GroupLayout, cache: KVCache | None = None):
         """Every head's attention output, heads concatenated in head order: ([B, S, D], probs or None).
         Heads below num_intra_heads attend within their modality, the rest causally over everything; the
         probabilities [B, H, S, S] come from the math backend only."""
         return kernels.attend(x, self.weights(), layout, self.config.num_heads, self.num_intra_heads,
-                              backend=self.config.backend, cache=cache, return_probs=self.config.backend == "math")
+                              backend=self.config.backend, cache=cache, return_probs=self.config.backend == "math",
+                              edit=self.probs_edit)
 
 
 class StandardAttention(_Attention):

@@ -29,9 +29,11 @@ Paper and released code differ, and each difference is a switch (AttentionConfig
 One path computes all of it (dense, the `math` backend): the probabilities are needed anyway for the
 pseudo-logit, and the course's sequences are short. gram_matrices() builds G_j for every token, as defined;
 the layer computes one G per run of same-modality tokens (run_grams: a run of image tokens holds no text,
-so all its tokens see the same causal sum), the same function in far less memory, held equal by the tests. Right padding and KV-cached decoding work as in the
-other layers; with moda_causal=False a cached decode does not re-align keys already cached (as released),
-so it differs from recomputing the sequence, which is that form's leak made visible.
+so all its tokens see the same causal sum), the same function in far less memory, held equal by the tests.
+
+Right padding and KV-cached decoding work as in the other layers; with moda_causal=False a cached decode does
+not re-align keys already cached (as released), so it differs from recomputing the sequence, which is that
+form's leak made visible.
 """
 
 from __future__ import annotations
@@ -216,6 +218,8 @@ class ModaAttention(_Attention):
             probs = torch.cat([scores, extra.to(scores.dtype)], dim=-1).softmax(-1)[..., :-1]
         else:
             probs = scores.softmax(-1)
+        if self.probs_edit is not None:                                   # VAR (var.py), when it is applied
+            probs = self.probs_edit(probs)
         probs = probs * real[:, None, :, None].to(probs.dtype)            # padding queries attend nowhere
         o = (probs @ v).transpose(1, 2).reshape(B, S, D)                  # [B, S, D]
         y = self.o_proj(o)

@@ -21,17 +21,19 @@ Conventions: p and rho are the PAPER's (p = fraction taken from the sinks, rho =
 mass on non-sink image tokens). The released code (VisAttnSink) uses the complements: its p is the fraction
 KEPT (code p = 0.6 is paper p = 0.4) and its test is "sink share <= rho".
 
-This module holds the edit and the sink measurements; applying them inside a trained model while it
-evaluates and generates is not built yet.
+`redistributing(model, dims, tau)` applies the edit inside a trained model while it evaluates and generates:
+sinks are found at the prefill of each sequence and kept while decoding, as in the released code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 from .checks import check_int, check_real
+from .masks import IMAGE
 
 PUBLISHED_TAU = 20.0          # the paper's threshold, for LLaMA-2-7B (D = 4096)
 PUBLISHED_DIM = 4096
@@ -129,5 +131,55 @@ def isotropic_exceedance(tau: float, hidden_size: int, num_dims: int = 2, sample
     return float((sink_values(states, range(num_dims)) > tau).float().mean())
 
 
-__all__ = ["redistribute", "sink_values", "find_sink_dimensions", "equivalent_tau", "isotropic_exceedance",
+@contextlib.contextmanager
+def redistributing(model, dims, tau: float, p: float = 0.4, rho: float = 0.5, floor: float = 0.2, layers=None):
+    """Inside the block, `model` (a TinyMLLM) attends with VAR's edit in `layers` (default: every layer).
+
+    A token is a sink when sink_values(x, dims) > tau, x the residual stream entering the layer. Sinks are
+    found once per sequence, at its prefill (a forward without a KV cache, or the one that fills it), and
+    kept while decoding; tokens decoded later are never sinks. The paper edits layers 2..L-1 only, which
+    leaves nothing of a 2-layer model: pass `layers` to choose.
+    """
+    for name, value in (("p", p), ("rho", rho), ("floor", floor)):
+        check_real(name, value, low=0, high=1)
+    check_real("tau", tau)
+    layers = list(range(len(model.blocks))) if layers is None else list(layers)
+    for layer in layers:
+        check_int("layers entry", layer, 0, len(model.blocks) - 1)
+    keys: dict[int, tuple] = {}                        # layer -> (is_image, is_sink), [B, keys so far]
+
+    def watch(layer):
+        def hook(block, args, kwargs):                 # Block.forward(x, modality_ids, return_details, cache)
+            x, ids = args[0], args[1]
+            ids = getattr(ids, "ids", ids)             # a GroupLayout, or the ids themselves
+            cache = args[3] if len(args) > 3 else kwargs.get("cache")
+            is_image = ids == IMAGE
+            if cache is None or cache.length == 0:     # a prefill: find this sequence's sinks
+                keys[layer] = (is_image, sink_values(x, dims) > tau)
+            elif layer not in keys:
+                raise ValueError("redistributing: a decoding step whose prefill ran outside the block; "
+                                 "start generation inside it")
+            else:
+                image, sink = keys[layer]
+                keys[layer] = (torch.cat([image, is_image], 1), torch.cat([sink, torch.zeros_like(is_image)], 1))
+        return hook
+
+    def edit(layer):
+        return lambda probs: _redistribute(probs, *keys[layer], p, rho, floor)
+
+    handles = []
+    try:
+        for layer in layers:
+            block = model.blocks[layer]
+            handles.append(block.register_forward_pre_hook(watch(layer), with_kwargs=True))
+            block.attn.probs_edit = edit(layer)
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in layers:
+            model.blocks[layer].attn.probs_edit = None
+
+
+__all__ = ["redistribute", "redistributing", "sink_values", "find_sink_dimensions", "equivalent_tau", "isotropic_exceedance",
            "PUBLISHED_TAU", "PUBLISHED_DIM"]

@@ -37,7 +37,7 @@ FLOORS = [
     ["lab", "teaching", "teaching.course", "lab.lower_bounds"],
     ["lab.experiments", "lab.bench"],
     ["lab.speedrun", "lab.gpucheck", "lab.dilution"],
-    ["lab.report"],
+    ["lab.report", "lab.var_study"],
     ["__main__"],
 ]
 CORE = {name for level in FLOORS[:FLOORS.index(["widgets"]) + 1] for name in level}

@@ -142,3 +142,23 @@ def test_readings_hold_on_the_committed_dilution_run():
         for layer in range(len(runs[0]["gates"]["expand"])):
             gate = lambda probe: statistics.fmean(m["gates"][probe][layer]["global"] for m in runs)
             assert abs(gate("expand") - gate("expand + images")) < 0.02
+
+
+def test_readings_hold_on_the_committed_var_run():
+    """No sinks: no massive dimension, nothing recurs across seeds, the flagged tokens fail the paper's tests;
+    VAR moves caption exact match by at most 0.01 and a text-only accuracy by at most 0.03."""
+    study = json.loads((ROOT / "results" / "var" / "results.json").read_text())
+    compare = study["compare"]
+    assert {s["attention"] for s in compare} == {"standard", "gated", "sigma", "moda"} and study["seeds"] == [0, 1, 2]
+    assert all(s["strongest_over_median"] < 3 and s["phi_max"] < 8 for s in compare)
+    for attention in {s["attention"] for s in compare}:
+        assert not set.intersection(*(set(s["dims"]) for s in compare if s["attention"] == attention))
+    tested = [s["confirmation"] for s in compare if s["confirmation"]["visual_sinks"]]
+    assert sum(t["spread_over_queries"]["sinks"] > t["spread_over_queries"]["other image"] for t in tested) > len(tested) / 2
+    assert sum(t["contribution"]["sinks"] > t["contribution"]["other image"] for t in tested) > len(tested) / 2
+    assert sum(t["caption_loss"]["sinks knocked out"] > t["caption_loss"]["as many random image tokens knocked out"]
+               for t in tested) > len(tested) / 2
+    assert all(abs(v["exact_match"] - s["caption"]["plain"]["exact_match"]) <= 0.01 + 1e-9
+               for s in compare for v in s["caption"]["var"].values())
+    assert len(study["dilution"]) == 24 and all(abs(v[k] - r["text_only"]["plain"][k]) <= 0.03 + 1e-9
+                                                for r in study["dilution"] for v in r["text_only"]["var"].values() for k in v)

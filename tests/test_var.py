@@ -1,6 +1,7 @@
 """VAR's redistribution and sink measurements: the worked example, the properties that define the edit,
 the threshold arithmetic at the course's width, and bad input."""
 
+import json
 import math
 
 import pytest
@@ -8,7 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sigma_ref import var
+import sigma_ref as sr
+from sigma_ref import data, evaluate, var
+from sigma_ref.model import TinyMLLM
+
+from conftest import tiny_config
 
 WORKED_ROW = torch.tensor([0.30, 0.10, 0.05, 0.25, 0.20, 0.10])            # text sink, 2 text, visual sink, 2 image
 WORKED_IMAGE = torch.tensor([[False, False, False, True, True, True]])
@@ -122,3 +127,94 @@ def test_bad_sink_measurements_are_named():
         var.sink_values(torch.randn(3, 64), [64])
     with pytest.raises(ValueError, match=r"hidden must be a float tensor \[tokens, D\]"):
         var.find_sink_dimensions(torch.randn(2, 3, 64))
+
+
+# --- VAR inside a model: the edit reaches every layer's attention, prefill and decoding alike ---------------
+
+def _trained_like_model(attention):
+    torch.manual_seed(0)
+    model = TinyMLLM(tiny_config(attention)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)                      # sharper attention than at init, so an edit shows
+    return model
+
+
+def _prompts():
+    scenes = [s for s in data.load_split("test")[:12] if len(s["objects"]) == 2][:4]
+    return data.collate([evaluate.prompt_of(data.encode(s)) for s in scenes])
+
+
+@pytest.mark.parametrize("attention", ["standard", "gated", "sigma", "moda"])
+def test_kernels_edit_the_probabilities_before_they_weight_the_values(attention):
+    """With an edit that takes nothing (p = 0) the model computes what it computes without VAR; with p = 1
+    and every token a sink, every row that looks at the image moves its weight (the outputs change)."""
+    model, batch = _trained_like_model(attention), data.collate([data.encode(s) for s in data.load_split("test")[:4]])
+    plain = model(batch).logits
+    with var.redistributing(model, [0, 1], tau=-1.0, p=0.0):
+        torch.testing.assert_close(model(batch).logits, plain, atol=1e-5, rtol=1e-5)
+    with var.redistributing(model, [0, 1], tau=0.5, p=1.0, rho=0.0, floor=0.0):
+        edited = model(batch).logits
+    assert (edited - plain).abs().max() > 1e-3
+    assert all(block.attn.probs_edit is None for block in model.blocks)            # undone on exit
+    torch.testing.assert_close(model(batch).logits, plain, atol=0, rtol=0)
+
+
+def test_the_math_kernel_applies_the_edit_as_written():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 8) for _ in range(3))
+    ids = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 0, 0]] * 2)
+    is_image, is_sink = ids == 1, torch.zeros_like(ids, dtype=torch.bool)
+    is_sink[:, [0, 3]] = True
+    edit = lambda probs: var.redistribute(probs, is_image, is_sink, p=0.5, rho=0.1, floor=0.1)
+    _, probs = sr.sigma_attention(q, k, v, ids, 2, backend="math", return_probs=True)
+    out, _ = sr.sigma_attention(q, k, v, ids, 2, backend="auto", edit=edit)
+    torch.testing.assert_close(out, edit(probs) @ v, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="backend 'packed' returns no probabilities to edit"):
+        sr.sigma_attention(q, k, v, ids, 2, backend="packed", edit=edit)
+
+
+@pytest.mark.parametrize("attention", ["sigma", "moda"])
+def test_generation_with_var_uses_the_prefill_sinks_and_decodes_with_the_edit(attention):
+    model, prompts = _trained_like_model(attention), _prompts()
+    plain = model.generate(prompts, 6)
+    with var.redistributing(model, [0, 1], tau=-1.0, p=0.0):                     # nothing taken: as without VAR
+        assert model.generate(prompts, 6) == plain
+    seen = []
+    with var.redistributing(model, [0, 1], tau=0.5, p=0.6, rho=0.0, floor=0.0):
+        edit = model.blocks[1].attn.probs_edit
+        model.blocks[1].attn.probs_edit = lambda probs: (seen.append(tuple(probs.shape)), edit(probs))[1]
+        model.generate(prompts, 3)
+    S = prompts["tokens"].shape[1]
+    assert seen[0][-2:] == (S, S) and [shape[-2:] for shape in seen[1:]] == [(1, S + 1), (1, S + 2)]
+
+
+def test_redistributing_names_bad_arguments():
+    model = _trained_like_model("sigma")
+    with pytest.raises(ValueError, match=r"p must be a finite number in 0\.\.1, got 2"):
+        with var.redistributing(model, [0], tau=1.0, p=2):
+            pass
+    with pytest.raises(ValueError, match=r"layers entry must be an int in 0\.\.1"):
+        with var.redistributing(model, [0], tau=1.0, layers=[2]):
+            pass
+
+
+def test_the_var_study_runs_on_a_tiny_compare_run_and_writes_its_results(tmp_path, monkeypatch):
+    from sigma_ref import train as T
+    from sigma_ref.lab import experiments, var_study
+    monkeypatch.setitem(T.PRESETS, "tiny", T.TrainConfig(tiny_config(), steps=6, batch_size=8, warmup_steps=2,
+                                                          eval_every=3, eval_samples=8, checkpoint_every=3))
+    experiments.ensure_trained("tiny", [0], tmp_path / "runs", workers=1, progress=False)
+    monkeypatch.setattr(var_study, "CAPTION_SCENES", 6)
+    monkeypatch.setattr(var_study, "GRID", [(0.4, 0.5)])
+    studies = var_study.run_var_study(tmp_path / "runs", 1, tmp_path / "out", workers=1, progress=False)
+    assert {s["attention"] for s in studies["compare"]} == set(experiments.ATTENTION_KINDS)
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["tau"] == pytest.approx(var.equivalent_tau(32))
+    for study in written["compare"]:
+        assert len(study["dims"]) == 2 and set(study["caption"]["var"]) == {"p=0.4 rho=0.5"}
+        assert study["confirmation"]["visual_sinks"] >= 0
+    assert (tmp_path / "out" / "phi_distributions.png").exists() and "recur on every seed" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(ValueError, match="runs: no checkpoint at"):
+        var_study.run_var_study(tmp_path / "nowhere", 1, tmp_path / "out2", workers=1, progress=False)

@@ -85,20 +85,23 @@ def grouped_causal_attention(q, k, v, group_ids=None, *, backend: str = "auto", 
 
 
 def sigma_attention(q, k, v, modality_ids, num_intra_heads: int, *, backend: str = "auto",
-                    return_probs: bool = False, valid=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    return_probs: bool = False, valid=None, edit=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """SIGMA's attention: heads 0..num_intra_heads-1 within modalities, the rest causal over everything.
 
     q, k, v: [B, H, S, d]; modality_ids: [B, S] (or [S]) or a GroupLayout. Returns (out [B, H, S, d],
     probs [B, H, S, S] or None). Backends that take every head in one call (math, sdpa, flex) get per-head
-    masks; the packing backends run the two streams as two calls and join them.
+    masks; the packing backends run the two streams as two calls and join them. `edit` (a function of the
+    probabilities, VAR's redistribution) needs them, so it runs on the math backend.
     """
     _check_qkv(q, k, v)
     num_heads = q.shape[1]
     check_int("num_intra_heads", num_intra_heads, 0, num_heads, why="(the number of heads)")
     layout = as_layout(modality_ids, q, valid, name="modality_ids")
-    backend = resolve_backend(backend, q, return_probs=return_probs)
+    if edit is not None and backend not in ("auto", "math"):
+        raise ValueError(f"backend {backend!r} returns no probabilities to edit; use backend='math' or 'auto'")
+    backend = resolve_backend(backend, q, return_probs=return_probs or edit is not None)
     if backend == "math":
-        return math_attention(q, k, v, layout, True, num_intra_heads)
+        return math_attention(q, k, v, layout, True, num_intra_heads, edit)
     if backend == "sdpa":
         return sdpa_attention(q, k, v, layout, True, num_intra_heads), None
     if backend == "flex":
@@ -117,13 +120,15 @@ def sigma_attention(q, k, v, modality_ids, num_intra_heads: int, *, backend: str
     return torch.cat(outs, dim=2).transpose(1, 2), None                # [B, H, S, d] (a view)
 
 
-def decode_attention(q, k, v, modality_ids: torch.Tensor, num_intra_heads: int, *, backend: str = "auto"):
+def decode_attention(q, k, v, modality_ids: torch.Tensor, num_intra_heads: int, *, backend: str = "auto", edit=None):
     """SIGMA attention of the last T positions (q [B, H, T, d]) over all S cached keys (k, v [B, H, S, d]),
     for KV-cache decoding; modality_ids [B, S] covers all S positions. Returns [B, H, T, d].
 
     Through flash when the backend resolves to it (CUDA, or a substitute), else one dense-mask SDPA call: T is
-    small when decoding, so the dense mask [B, H, T, S] is small too.
+    small when decoding, so the dense mask [B, H, T, S] is small too. `edit`: as in sigma_attention.
     """
+    if edit is not None:
+        return dense_decode_attention(q, k, v, modality_ids, num_intra_heads, edit)
     if resolve_backend(backend, q) == "flash":
         return flash.flash_decode_attention(q, k, v, modality_ids, num_intra_heads)
     return dense_decode_attention(q, k, v, modality_ids, num_intra_heads)

@@ -73,7 +73,7 @@ class KVCache:
 
 
 def attend(x, w: LayerWeights, layout: GroupLayout, num_heads: int, num_intra_heads: int, *,
-           backend: str = "auto", cache: KVCache | None = None, return_probs: bool = False):
+           backend: str = "auto", cache: KVCache | None = None, return_probs: bool = False, edit=None):
     """Project x [B, S, D] into heads and attend: (o [B, S, D] with heads concatenated, probs or None).
 
     Heads below num_intra_heads attend within their modality, the rest causally over everything. With a
@@ -85,21 +85,23 @@ def attend(x, w: LayerWeights, layout: GroupLayout, num_heads: int, num_intra_he
     probs = None
     if cache is not None and cache.k is not None:                     # a decoding step
         cache.append(k, v, layout.ids)
-        out = decode_attention(q, cache.k, cache.v, cache.modality_ids, num_intra_heads, backend=backend)
+        out = decode_attention(q, cache.k, cache.v, cache.modality_ids, num_intra_heads, backend=backend, edit=edit)
     else:
         if cache is not None:                                         # the prompt: fill the cache
             cache.append(k, v, layout.ids)
-        out, probs = sigma_attention(q, k, v, layout, num_intra_heads, backend=backend, return_probs=return_probs)
+        out, probs = sigma_attention(q, k, v, layout, num_intra_heads, backend=backend, return_probs=return_probs,
+                                     edit=edit)
     return out.transpose(1, 2).reshape(B, S, D), probs                # [B, H, S, d] -> [B, S, D]
 
 
 def attention_layer(x, w: LayerWeights, layout: GroupLayout, num_heads: int, num_intra_heads: int, *,
-                    backend: str = "auto", cache: KVCache | None = None) -> torch.Tensor:
-    """y = o_proj(gate * attention(x)) (no gate: o_proj(attention(x))) by the cheapest exact route. [B, S, D]."""
-    if w.gate is not None and cache is None and _whole_layer_runs(x, num_heads, backend):
+                    backend: str = "auto", cache: KVCache | None = None, edit=None) -> torch.Tensor:
+    """y = o_proj(gate * attention(x)) (no gate: o_proj(attention(x))) by the cheapest exact route. [B, S, D].
+    `edit` changes the attention probabilities before they weight the values (VAR, var.py)."""
+    if w.gate is not None and cache is None and edit is None and _whole_layer_runs(x, num_heads, backend):
         return GatedPackedLayer.apply(x, w.q, w.k, w.v, w.gate, w.table, w.o, layout.ids, pack_plan(layout),
                                       num_heads, num_intra_heads)
-    o, _ = attend(x, w, layout, num_heads, num_intra_heads, backend=backend, cache=cache)
+    o, _ = attend(x, w, layout, num_heads, num_intra_heads, backend=backend, cache=cache, edit=edit)
     if w.gate is None:
         return F.linear(o, w.o)
     return gated_output(x, o, w.gate, w.table, layout.ids, w.o)

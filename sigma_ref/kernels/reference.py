@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from .layout import GroupLayout
 
 
-def math_attention(q, k, v, layout: GroupLayout, grouped: bool, num_intra_heads: int | None = None):
+def math_attention(q, k, v, layout: GroupLayout, grouped: bool, num_intra_heads: int | None = None, edit=None):
     """(out [B, H, S, d], probs [B, H, S, S]). With `num_intra_heads`, SIGMA's per-head masks; else one mask
-    for every head: causal within groups (`grouped`) or plain causal."""
+    for every head: causal within groups (`grouped`) or plain causal. `edit`, a function of the probabilities,
+    changes them before they weight the values (VAR, var.py)."""
     if num_intra_heads is None:
         allowed = layout.allowed(grouped)                                 # [B or 1, 1, S, S]
     else:
@@ -30,6 +31,8 @@ def math_attention(q, k, v, layout: GroupLayout, grouped: bool, num_intra_heads:
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5              # [B, H, S, S]
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = scores.softmax(dim=-1)          # every row keeps at least its own key, so no all -inf row
+    if edit is not None:
+        probs = edit(probs)
     if layout.valid is not None:
         probs = probs * layout.valid[:, None, :, None].to(probs.dtype)   # padding queries attend nowhere
     return probs @ v, probs
@@ -45,10 +48,11 @@ def sdpa_attention(q, k, v, layout: GroupLayout, grouped: bool, num_intra_heads:
     return layout.zero_padding(out)
 
 
-def dense_decode_attention(q, k, v, modality_ids: torch.Tensor, num_intra_heads: int):
+def dense_decode_attention(q, k, v, modality_ids: torch.Tensor, num_intra_heads: int, edit=None):
     """SIGMA attention of the last T positions (q: [B, H, T, d]) over all S keys (k, v: [B, H, S, d]).
 
-    modality_ids: [B, S] for all S positions. Dense-mask SDPA: T is small when decoding.
+    modality_ids: [B, S] for all S positions. Dense-mask SDPA: T is small when decoding. With `edit`, the
+    probabilities are computed explicitly and edited before they weight the values (VAR, var.py).
     """
     batch, heads, num_queries, _ = q.shape
     seq_len = k.shape[2]
@@ -57,4 +61,7 @@ def dense_decode_attention(q, k, v, modality_ids: torch.Tensor, num_intra_heads:
     same = modality_ids[:, -num_queries:, None] == modality_ids[:, None, :]                  # [B, T, S]
     is_intra = (torch.arange(heads, device=q.device) < num_intra_heads)[None, :, None, None]
     mask = causal & (same[:, None] | ~is_intra)                                              # [B, H, T, S]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if edit is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf"))
+    return edit(scores.softmax(-1)) @ v

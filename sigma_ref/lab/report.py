@@ -197,6 +197,43 @@ def map_entries() -> list[tuple[str, Path]]:
              PACKAGE / (f"{name}__init__.py" if name.endswith("/") else f"{name}.py")) for name in MAP_ORDER]
 
 
+# -- VAR: results/var -------------------------------------------------------------------------------------
+
+
+def var_tables(results: Path) -> str:
+    paragraphs = (results / "var" / "results.md").read_text().split("\n\n")[1:]
+    return "\n\n".join(p.strip() for p in paragraphs if p.strip())
+
+
+def var_figures(results: Path) -> str:
+    study = _json(results, "var/results.json")
+    compare, dilution_runs = study["compare"], study["dilution"]
+    ratios = [s["strongest_over_median"] for s in compare]
+    changes = [abs(v["exact_match"] - s["caption"]["plain"]["exact_match"]) for s in compare for v in s["caption"]["var"].values()]
+    tested = [s["confirmation"] for s in compare if s["confirmation"]["visual_sinks"]]
+    root_d = study["tau"] * 64 / 20                          # tau = 20 sqrt(D / 4096)
+    image_share = [s["above_tau"]["image"] for s in compare]
+    lines = [f"- Sinks: over {len(compare)} models (every attention, seeds {study['seeds'][0]}-{study['seeds'][-1]}), "
+             f"the strongest dimension is {min(ratios):.1f}-{max(ratios):.1f}x the median one and phi stays at or "
+             f"below {max(s['phi_max'] for s in compare):.2f} (sqrt(D) = {root_d:.0f}); above tau = "
+             f"{study['tau']:.2f}: {min(image_share):.1%}-{max(image_share):.1%} of image tokens.",
+             f"- VAR applied over the grid moves caption exact match by at most {max(changes):.3f}."]
+    if tested:
+        more = lambda key: sum(t[key]["sinks"] > t[key]["other image"] for t in tested)
+        worse = sum(t["caption_loss"]["sinks knocked out"] > t["caption_loss"]["as many random image tokens knocked out"]
+                    for t in tested)
+        lines.append(f"- The paper's tests on the flagged image tokens, of {len(tested)} models: the attention they "
+                     f"receive varies more over the text queries than other image tokens' in {more('spread_over_queries')}, "
+                     f"their contribution |alpha v W_O| is larger in {more('contribution')}, and knocking them out raises "
+                     f"the caption loss more than knocking out as many random image tokens in {worse} (a sink would draw "
+                     f"attention whatever the query, contribute little, and be removable).")
+    if dilution_runs:
+        largest = max(abs(v[k] - r["text_only"]["plain"][k]) for r in dilution_runs for v in r["text_only"]["var"].values()
+                      for k in v)
+        lines.append(f"- On the {len(dilution_runs)} dilution models, VAR moves a text-only accuracy by at most {largest:.3f}.")
+    return "\n".join(lines)
+
+
 def package_map(results: Path) -> str:
     rows = [f"| {name} | {first_sentence(path)} |" for name, path in map_entries()]
     return "\n".join(["| module | what it is (its docstring's first sentence) |", "|---|---|", *rows])
@@ -213,6 +250,8 @@ BLOCKS = {
     "speedrun-log": lambda results: _tables(results, "speedrun_log_cpu.json"),
     "time-to-accuracy": lambda results: _tables(results, "time_to_accuracy_cpu.json"),
     "speedrun-figures": speedrun_figures,
+    "var-tables": var_tables,
+    "var-figures": var_figures,
 }
 
 

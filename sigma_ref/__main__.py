@@ -83,7 +83,8 @@ def _compare(args) -> None:
 
 
 def _dilution(args) -> None:
-    dilution.run_dilution(args.seeds, args.out, ablations=args.ablations, workers=args.workers)
+    dilution.run_dilution(args.seeds, args.out, ablations=args.ablations, workers=args.workers,
+                          attentions=args.attentions)
 
 
 def _var(args) -> None:
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/dilution", help="output directory (default: results/dilution)")
     p.add_argument("--ablations", action="store_true", help="also train SIGMA's ablation grid (its config switches)")
     p.add_argument("--workers", type=int, default=None, help="parallel training processes (default: one per core)")
+    p.add_argument("--attentions", nargs="+", choices=KINDS, default=KINDS, help="which attentions (default: all)")
     p.set_defaults(run=_dilution)
 
     p = commands.add_parser("var", help="VAR on trained models: sink dimensions, the paper's tests, and VAR applied "

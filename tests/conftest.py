@@ -14,7 +14,11 @@ from sigma_ref.model import ModelConfig, TinyMLLM
 settings.register_profile("course", max_examples=40, deadline=None, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "course"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One torch thread per process, here and in every process the tests start (notebook kernels, JupyterLab,
+# training workers inherit OMP_NUM_THREADS): two threads collapse when another program holds a core
+# (docs/PERFORMANCE.md measures a step at 2.2x), and the test command must hold on a busy machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @st.composite

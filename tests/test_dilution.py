@@ -106,3 +106,13 @@ def test_sigma_parts_on_the_command_line(tmp_path, monkeypatch):
     assert written["threads"] == TRAINING_THREADS                          # the thread policy, as compare trains
     with pytest.raises(SystemExit, match="--bias-init needs 4 numbers"):
         cli.main(["train", "--attention", "sigma", "--out", str(tmp_path / "x"), "--bias-init", "1,2"])
+
+
+def test_a_dilution_run_of_chosen_attentions_trains_those_and_their_ablations_only(tmp_path, monkeypatch):
+    monkeypatch.setitem(T.PRESETS, "tiny", TINY)
+    metrics = dilution.run_dilution(1, tmp_path, ablations=True, workers=1, progress=False, preset="tiny",
+                                    text_only_samples=2, attentions=("standard", "moda"))
+    assert {m["attention"] for m in metrics} == {"standard", "moda"}
+    assert {m["variant"] for m in metrics} == {"standard", *dilution.MODA_ABLATIONS}
+    with pytest.raises(ValueError, match=r"attentions entry must be one of .*got 'linear'"):
+        dilution.run_dilution(1, tmp_path, workers=1, progress=False, preset="tiny", attentions=("linear",))

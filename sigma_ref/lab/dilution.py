@@ -33,7 +33,7 @@ import torch
 
 from .. import data as D
 from .. import probes, viz
-from ..checks import check_int
+from ..checks import check_choice, check_int
 from ..evaluate import evaluate
 from .experiments import ATTENTION_KINDS, mean_std_text, run_in_workers
 from ..masks import IMAGE, TEXT
@@ -281,17 +281,20 @@ def figures(metrics: list[dict], counts) -> dict:
 
 def run_dilution(seeds: int = 3, out_dir: str | Path = "results/dilution", ablations: bool = False,
                  workers: int | None = None, progress: bool = True, preset: str = "cpu",
-                 text_only_samples: int = TEXT_ONLY_SAMPLES) -> list[dict]:
-    """Train (or reuse) every model of the experiment; write results.json, results.md and the figures."""
+                 text_only_samples: int = TEXT_ONLY_SAMPLES, attentions=ATTENTION_KINDS) -> list[dict]:
+    """Train (or reuse) every model of the experiment; write results.json, results.md and the figures.
+    `attentions` chooses the attentions (and so the ablation grids: SIGMA's with sigma, MODA's with moda)."""
     check_int("seeds", seeds, low=1)
+    for attention in attentions:
+        check_choice("attentions entry", attention, ATTENTION_KINDS)
     out_dir, counts = Path(out_dir), inserted_counts()
     common = {"out_dir": str(out_dir), "counts": counts, "preset": preset, "text_only_samples": text_only_samples}
     jobs = [{"attention": a, "variant": a, "overrides": {}, "seed": s, "train_mix": mix, **common}
-            for s in range(seeds) for mix in MIXES for a in ATTENTION_KINDS]
+            for s in range(seeds) for mix in MIXES for a in attentions]
     if ablations:
         jobs += [{"attention": attention, "variant": v, "overrides": o, "seed": s, "train_mix": "irrelevant images",
                   **common}
-                 for attention, grid in (("sigma", ABLATIONS), ("moda", MODA_ABLATIONS))
+                 for attention, grid in (("sigma", ABLATIONS), ("moda", MODA_ABLATIONS)) if attention in attentions
                  for s in range(seeds) for v, o in grid.items() if v != attention]
     metrics = run_in_workers(_job, jobs, workers, "dilution", progress)
     report = (f"Dilution experiment: `{preset}` preset, seeds 0-{seeds - 1}, text-only split ({text_only_samples} scenes "

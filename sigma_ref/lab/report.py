@@ -95,8 +95,8 @@ def dilution_figures(results: Path) -> str:
     seeds = len(by("text only", "sigma"))
     lines = ["- Trained on text only, with 16 blank image tokens inserted: "
              + ", ".join(f"{a} {mean('text only', a, 'blank', 16):.2f}" for a in ATTENTION_KINDS)
-             + f"; with 64 blank tokens no run keeps more than "
-             f"{max(max(acc('text only', a, 'blank', 64)) for a in ATTENTION_KINDS):.2f}."]
+             + f"; with 64 blank tokens the best run keeps "
+             f"{max(max(acc('text only', a, 'blank', 64)) for a in ATTENTION_KINDS):.3f}."]
     mixed = "irrelevant images"
     for kind, n in (("noise", 64), ("noise", 128), ("blank", 64)):
         sigma = acc(mixed, "sigma", kind, n)

@@ -39,6 +39,7 @@ form's leak made visible.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -64,14 +65,20 @@ def gram_terms(k: torch.Tensor, x: torch.Tensor, counts: torch.Tensor) -> torch.
     return k_hat[..., :, None] * x[..., None, :]
 
 
-def gram_matrices(terms: torch.Tensor, causal: bool, carried: torch.Tensor | None = None) -> torch.Tensor:
-    """G_j for every position j [B, H, S, d, d]: the terms of positions before j (causal) or of all positions,
+def preceding(parts: torch.Tensor, causal: bool, carried: torch.Tensor | None = None) -> torch.Tensor:
+    """parts [B, H, N, d, d] -> for each of the N: the sum of the parts before it (causal) or of all of them,
     plus `carried` [B, H, d, d], the sum over positions already cached."""
     if causal:
-        before = torch.cat([torch.zeros_like(terms[:, :, :1]), terms[:, :, :-1].cumsum(2)], dim=2)
+        before = torch.cat([torch.zeros_like(parts[:, :, :1]), parts[:, :, :-1].cumsum(2)], dim=2)
     else:
-        before = terms.sum(2, keepdim=True).expand_as(terms)
+        before = parts.sum(2, keepdim=True).expand_as(parts)
     return before if carried is None else before + carried[:, :, None]
+
+
+def gram_matrices(terms: torch.Tensor, causal: bool, carried: torch.Tensor | None = None) -> torch.Tensor:
+    """G_j for every position j [B, H, S, d, d], from gram_terms(): the terms of positions before j (causal)
+    or of all positions, plus what is carried from the cache. The definition, one matrix per token."""
+    return preceding(terms, causal, carried)
 
 
 def modality_runs(ids: torch.Tensor) -> torch.Tensor:
@@ -81,23 +88,19 @@ def modality_runs(ids: torch.Tensor) -> torch.Tensor:
     return changes.cumsum(1) - 1
 
 
-def run_grams(k: torch.Tensor, x: torch.Tensor, counts: torch.Tensor, runs: torch.Tensor, causal: bool,
-              carried: torch.Tensor | None = None) -> torch.Tensor:
-    """The Gram matrix each run's tokens see, [B, H, R, d, d]: gram_matrices() at one token per run.
-
-    A run of target tokens holds no source token, so all its tokens see the same causal sum: the terms of
-    the runs before it. Each run's terms are summed as one matmul, (k_hat * counts)^T x over the run, and
-    the per-token [S, d, d] tensor is never built: the same function as gram_matrices, far less memory.
-    """
+def run_sums(k: torch.Tensor, x: torch.Tensor, counts: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
+    """Each run's gram terms summed, [B, H, R, d, d]: one matmul per run, (k_hat * counts)^T x over its tokens,
+    without building the per-token [S, d, d] tensor."""
     num_runs = int(runs.max()) + 1 if runs.numel() else 1
     member = F.one_hot(runs, num_runs).to(k.dtype) * counts[..., None].to(k.dtype)     # [B, S, R]
-    k_hat = normalised_keys(k)
-    sums = torch.einsum("bsr,bhsi,bhsj->bhrij", member, k_hat, x)                       # [B, H, R, d, d]
-    if causal:
-        grams = torch.cat([torch.zeros_like(sums[:, :, :1]), sums[:, :, :-1].cumsum(2)], dim=2)
-    else:
-        grams = sums.sum(2, keepdim=True).expand_as(sums)
-    return grams if carried is None else grams + carried[:, :, None]
+    return torch.einsum("bsr,bhsi,bhsj->bhrij", member, normalised_keys(k), x)
+
+
+def run_grams(k: torch.Tensor, x: torch.Tensor, counts: torch.Tensor, runs: torch.Tensor, causal: bool,
+              carried: torch.Tensor | None = None) -> torch.Tensor:
+    """The Gram matrix each run's tokens see, [B, H, R, d, d]: gram_matrices() at one token per run. A run of
+    target tokens holds no source token, so all its tokens see the same causal sum: the runs before it."""
+    return preceding(run_sums(k, x, counts, runs), causal, carried)
 
 
 def row_normalised(gram: torch.Tensor) -> torch.Tensor:
@@ -162,7 +165,7 @@ class ModaAttention(_Attention):
         switches = {"moda_gram": gram, "moda_duplex": duplex, "moda_causal": causal, "moda_fuser_init": fuser_init,
                     "moda_pseudo_logit": pseudo_logit}
         if isinstance(config, AttentionConfig):
-            config = AttentionConfig(**{**config.__dict__, **{k: v for k, v in switches.items() if v is not None}})
+            config = replace(config, **{name: value for name, value in switches.items() if value is not None})
         super().__init__(config)
         if config.backend not in ("auto", "math"):
             raise ValueError(f"backend must be 'auto' or 'math' for ModaAttention (it computes densely, with its "
@@ -190,11 +193,11 @@ class ModaAttention(_Attention):
             if aligner is None:
                 continue
             carried = cache.state.get(source) if cache is not None else None
-            grams = run_grams(k, x, counts & (ids == source), runs, self.config.moda_causal, carried)
-            keys = aligner.by_runs(k, grams, runs)
+            sums = run_sums(k, x, counts & (ids == source), runs)                 # [B, H, R, d, d]
+            keys = aligner.by_runs(k, preceding(sums, self.config.moda_causal, carried), runs)
             aligned = torch.where((ids == target)[:, None, :, None], keys, aligned)
             if cache is not None:                       # every source token of this call, for the next one
-                total = run_grams(k, x, counts & (ids == source), runs, False)[:, :, 0]
+                total = sums.sum(2)
                 cache.state[source] = total if carried is None else carried + total
         return aligned
 
@@ -228,6 +231,5 @@ class ModaAttention(_Attention):
         return y, AttentionDetails(o[..., :0], o, None, None, probs if cache is None else None)
 
 
-__all__ = ["ModaAttention", "Aligner", "pseudo_logit", "gram_terms", "gram_matrices", "modality_runs", "run_grams",
-           "row_normalised",
-           "normalised_keys", "PSEUDO_LENGTH", "PSEUDO_BETA"]
+__all__ = ["ModaAttention", "Aligner", "pseudo_logit", "gram_terms", "gram_matrices", "preceding", "modality_runs",
+           "run_sums", "run_grams", "row_normalised", "normalised_keys", "PSEUDO_LENGTH", "PSEUDO_BETA"]

@@ -58,6 +58,9 @@ def test_other_figures_render():
     runs = {"sigma": [{"dilution": {"blank": {"0": 1.0, "16": 0.5, "64": 0.2}}}] * 2}
     fig = viz.dilution_figure(runs)
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [1.0, 0.5, 0.2])
+    phi = {name: {"image": torch.rand(50) * 3, "text": [1.0, 2.0, 3.0]} for name in ("a", "b")}
+    fig = viz.sink_phi_figure(phi, 2.5, 64, "phi")
+    assert [ax.get_title() for ax in fig.axes] == ["a", "b"] and len(fig.axes[0].patches) == 3   # 3 histograms
 
 
 @pytest.mark.parametrize("split", range(0, 9))

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from .. import data as D
-from .. import probes, var
+from .. import probes, var, viz
 from ..checks import check_int
 from ..evaluate import evaluate, load_model
 from ..masks import IMAGE, TEXT
@@ -151,24 +151,12 @@ def recurring_dims(reports: list[dict]) -> list[int]:
 
 
 def phi_figure(studies: list[dict], tau: float, hidden_size: int):
-    """phi of image and text tokens entering the last layer, per attention (seed 0), against an isotropic null."""
-    kinds = [a for a in ATTENTION_KINDS if any(s["attention"] == a for s in studies)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3), sharey=True, constrained_layout=True)
-    null = var.sink_values(torch.randn(20_000, hidden_size, generator=torch.Generator().manual_seed(0)), [0, 1])
-    bins = torch.linspace(0, hidden_size ** 0.5, 41).numpy()
-    for ax, attention in zip(axes, kinds):
-        study = min((s for s in studies if s["attention"] == attention), key=lambda s: s["seed"])
-        for values, label, colour in ((study["phi_sample"]["image"], "image tokens", "tab:orange"),
-                                      (study["phi_sample"]["text"], "text tokens", "tab:blue"),
-                                      (null.tolist(), "isotropic null", "0.5")):
-            ax.hist(values, bins=bins, density=True, histtype="step", lw=1.5, label=label, color=colour)
-        ax.axvline(tau, color="k", ls="--", lw=1)
-        ax.set_title(f"{attention}, seed {study['seed']}", fontsize=9)
-        ax.set_xlabel("phi on the 2 dimensions found")
-    axes[0].set_ylabel("density")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"phi entering the last layer (dashed: tau = {tau:.1f}; sqrt(D) = {hidden_size ** 0.5:.0f})", fontsize=10)
-    return fig
+    """phi of image and text tokens entering the last layer, per attention (its first seed), against the null."""
+    first = {}
+    for study in sorted(studies, key=lambda s: s["seed"]):
+        first.setdefault(study["attention"], study)
+    return viz.sink_phi_figure({f"{a}, seed {s['seed']}": s["phi_sample"] for a, s in first.items()}, tau, hidden_size,
+                               "phi entering the last layer")
 
 
 def tables(studies: list[dict], dilution_studies: list[dict], tau: float) -> str:

@@ -30,8 +30,8 @@ setup() {
         echo "[course] installing torch==2.13.0"
         "$PYTHON" -m pip install --quiet torch==2.13.0
     fi
-    echo "[course] installing sigma_ref with its dev extra (keeps the installed torch)"
-    "$PYTHON" -m pip install --quiet -e ".[dev]"
+    echo "[course] installing sigma_ref with its dev and hf extras (keeps the installed torch)"
+    "$PYTHON" -m pip install --quiet -e ".[dev,hf]"
     # The notebooks' kernel ("python3") is registered for THIS interpreter (an absolute path, in its own
     # prefix), so JupyterLab runs them with the Python that has the course installed, not with whatever
     # `python` comes first on PATH.

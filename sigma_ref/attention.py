@@ -273,7 +273,54 @@ class GatedAttention(_Attention):
         return self.o_proj(g * o), AttentionDetails(o[..., :0], o, None, g, probs)
 
 
-class SigmaAttention(_Attention):
+class StreamGates:
+    """SIGMA's two gates and their stream bias, as a mixin: SigmaAttention and the layers that
+    `sigma_ref.hf.sigmafy` converts hold the same parameters under the same names and compute the gates here.
+
+        g_s = sigmoid(gate_s_proj(x) + B[s][modality(x)])      s = intra (channels 0..W_intra-1), global
+
+    gate_intra_proj: D -> W_intra, gate_global_proj: D -> W_global (no bias; None when that stream has no heads
+    or gates are off); stream_bias [2, M, max(W_intra, W_global)] or None. With an uneven split stream s uses
+    the first W_s channels of its row; the rest of the narrower stream's row is unused (and gets no gradient).
+    """
+
+    def _init_stream_gates(self, input_size: int, widths: tuple[int, int], use_gates: bool, use_stream_bias: bool,
+                           bias_init) -> None:
+        self.stream_widths = tuple(widths)                                # (W_intra, W_global)
+
+        def make_gate(width):
+            return nn.Linear(input_size, width, bias=False) if (use_gates and width) else None
+
+        self.gate_intra_proj = make_gate(widths[INTRA])
+        self.gate_global_proj = make_gate(widths[GLOBAL])
+        if use_gates and use_stream_bias:
+            init = torch.tensor(bias_init)                                # [2, M]
+            self.stream_bias = nn.Parameter(init[:, :, None].repeat(1, 1, max(widths)))   # [2, M, W]
+        else:
+            self.register_parameter("stream_bias", None)
+
+    def stream_bias_for(self, stream: int, modality_ids: torch.Tensor) -> torch.Tensor:
+        """B[stream][modality(x)] for each token: [B, S, W_stream]. The seed's `embedding(modality_id, ...)`."""
+        return self.stream_bias[stream, :, :self.stream_widths[stream]][modality_ids]
+
+    def gate(self, stream: int, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor | None:
+        """g_stream = sigmoid(gate_stream_proj(x) + B[stream][modality]) [B, S, W_stream]; None without a gate."""
+        proj = (self.gate_intra_proj, self.gate_global_proj)[stream]
+        if proj is None:
+            return None
+        logits = proj(x)                                                  # [B, S, W_stream]
+        if self.stream_bias is not None:
+            logits = logits + self.stream_bias_for(stream, modality_ids)
+        return torch.sigmoid(logits)
+
+    def gates(self, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor | None:
+        """Both gates, intra channels first: [B, S, W_intra + W_global] (None when gates are off; a stream
+        without heads has none)."""
+        parts = [g for g in (self.gate(INTRA, x, modality_ids), self.gate(GLOBAL, x, modality_ids)) if g is not None]
+        return torch.cat(parts, -1) if parts else None
+
+
+class SigmaAttention(StreamGates, _Attention):
     """Split-Stream Intra-Global Gated Multimodal Attention (docs/SIGMA.md states the idea).
 
         o_intra  = heads 0..h-1, each attending within its token's modality (causal)      [B, S, D_intra]
@@ -286,46 +333,15 @@ class SigmaAttention(_Attention):
         gate_intra_proj: D -> D_intra       (no bias; None when the intra stream has no heads or gates are off)
         gate_global_proj: D -> D_global     (no bias; likewise)
         stream_bias: [2, M, W]              B[stream][modality], W = max(D_intra, D_global). With the default
-                                            even split W = D/2, exactly the seed's [2, 2, D/2]. With an uneven
-                                            split stream s uses the first D_s channels of its row; the rest of
-                                            the narrower stream's row is unused (and gets no gradient).
+                                            even split W = D/2, exactly the seed's [2, 2, D/2].
+    The gates are StreamGates' (above).
     """
 
     def __init__(self, config: AttentionConfig):
         super().__init__(config)
         self.num_intra_heads = config.num_intra_heads
-        D, widths = config.hidden_size, (config.intra_dim, config.global_dim)
-
-        def make_gate(width):
-            return nn.Linear(D, width, bias=False) if (config.use_gates and width) else None
-
-        self.gate_intra_proj = make_gate(widths[INTRA])
-        self.gate_global_proj = make_gate(widths[GLOBAL])
-        if config.use_gates and config.use_stream_bias:
-            init = torch.tensor(config.bias_init)                         # [2, M]
-            self.stream_bias = nn.Parameter(init[:, :, None].repeat(1, 1, max(widths)))   # [2, M, W]
-        else:
-            self.register_parameter("stream_bias", None)
-
-    def stream_bias_for(self, stream: int, modality_ids: torch.Tensor) -> torch.Tensor:
-        """B[stream][modality(x)] for each token: [B, S, D_stream]. The seed's `embedding(modality_id, ...)`."""
-        width = (self.config.intra_dim, self.config.global_dim)[stream]
-        return self.stream_bias[stream, :, :width][modality_ids]
-
-    def gate(self, stream: int, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor | None:
-        """g_stream = sigmoid(gate_stream_proj(x) + B[stream][modality]) [B, S, D_stream]; None without a gate."""
-        proj = (self.gate_intra_proj, self.gate_global_proj)[stream]
-        if proj is None:
-            return None
-        logits = proj(x)                                                  # [B, S, D_stream]
-        if self.stream_bias is not None:
-            logits = logits + self.stream_bias_for(stream, modality_ids)
-        return torch.sigmoid(logits)
-
-    def gates(self, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor | None:
-        """Both gates, intra channels first: [B, S, D] (None when gates are off; a stream without heads has none)."""
-        parts = [g for g in (self.gate(INTRA, x, modality_ids), self.gate(GLOBAL, x, modality_ids)) if g is not None]
-        return torch.cat(parts, -1) if parts else None
+        self._init_stream_gates(config.hidden_size, (config.intra_dim, config.global_dim), config.use_gates,
+                                config.use_stream_bias, config.bias_init)
 
     def weights(self) -> kernels.LayerWeights:
         """Both gates' weights stacked, intra rows first ([D, D]), and the stream bias as one row per modality
@@ -352,5 +368,5 @@ class SigmaAttention(_Attention):
         return self.o_proj(gated), AttentionDetails(o_intra, o_global, g_intra, g_global, probs)
 
 
-__all__ = ["AttentionConfig", "AttentionDetails", "StandardAttention", "GatedAttention", "SigmaAttention",
+__all__ = ["AttentionConfig", "AttentionDetails", "StandardAttention", "GatedAttention", "SigmaAttention", "StreamGates",
            "KVCache", "DEFAULT_BIAS_INIT", "INTRA", "GLOBAL", "STREAM_NAMES", "TEXT", "IMAGE"]

@@ -34,8 +34,8 @@ FLOORS = [
     ["viz"],
     ["widgets"],
     # the tooling
-    ["lab", "teaching", "teaching.course", "lab.lower_bounds"],
-    ["lab.experiments", "lab.bench"],
+    ["lab", "teaching", "teaching.course", "lab.lower_bounds", "hf.convert", "hf.toy"],
+    ["lab.experiments", "lab.bench", "hf", "hf.finetune"],
     ["lab.speedrun", "lab.gpucheck", "lab.dilution"],
     ["lab.report", "lab.var_study"],
     ["__main__"],
@@ -94,7 +94,7 @@ def test_the_top_level_holds_the_core_alone():
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
     packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert len(top) <= 14, sorted(top)
-    assert top | {"kernels"} <= CORE and packages == {"kernels", "lab", "teaching", "testing"}
+    assert top | {"kernels"} <= CORE and packages == {"kernels", "lab", "teaching", "testing", "hf"}
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))

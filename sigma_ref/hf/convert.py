@@ -1,0 +1,298 @@
+"""SIGMA inside a Hugging Face model: `sigmafy(model)` converts every self-attention layer in place.
+
+What a converted layer computes is SigmaAttention's function (attention.py), on the model's own projections,
+rotary positions, grouped-query heads and cache:
+
+    heads 0..h-1   the INTRA stream: causal AND same modality          (the intra mask)
+    heads h..H-1   the GLOBAL stream: the model's own causal mask
+    y = o_proj(cat(g_intra * o_intra, g_global * o_global)),  g_s = sigmoid(gate_s_proj(x) + B[s][modality])
+
+HOW IT PLUGS IN. transformers looks an attention function up in a registry by the name in
+`config._attn_implementation` ("eager", "sdpa", "flex_attention", ...). A converted layer sees the model's
+config through a view (`_SigmaView`) whose implementation name is "sigma_ref"; that name is registered to
+`sigma_attention`, which calls the implementation the MODEL names (so `model.set_attn_implementation("eager")`
+still chooses the kernel) twice: once on the intra heads with the intra mask, once on the global heads with
+the model's mask. The model's own forward is untouched. Two forward pre-hooks carry what the layers need:
+
+    on the language model   the modality of every token (from `input_ids == image_token_id`, or the
+                            `modality_ids=` keyword), kept on the cache for the tokens it holds, and the intra
+                            mask, built by transformers' own mask builders with sigma_ref's `intra_mask_mod` as
+                            an extra condition (so it has the format the kernel wants, padding included);
+    on each attention layer its input x, for the gates.
+
+KEY/VALUE GROUPS. With grouped-query attention, H query heads share H_kv key/value heads in groups of
+H / H_kv. The split falls on a group boundary (h a multiple of H / H_kv), so every K/V head serves one stream
+and each stream is an ordinary grouped-query attention over its own heads.
+
+GATES AT CONVERSION. The gate projections start at zero, so every gate starts at sigmoid(B[s][modality]), one
+constant per stream and modality: a converted pretrained model is the original with each stream scaled by a
+known factor (0.73 and 0.27 for text under the default bias), which fine-tuning then adjusts.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..attention import DEFAULT_BIAS_INIT, StreamGates, _check_bias_init
+from ..checks import check_bool, check_int
+from ..masks import intra_mask_mod, validate_modality_ids
+
+KERNEL = "sigma_ref"
+# The kernels whose masks transformers builds from a mask function, so the intra mask can be expressed. The
+# flash-attention kernels take padding only.
+MASKABLE = ("eager", "sdpa", "flex_attention")
+DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+LANGUAGE_MODELS = ("LlamaModel", "Qwen2Model", "Qwen3Model", "MistralModel")
+MULTIMODAL = ("LlavaForConditionalGeneration",)
+
+
+class SigmaGates(StreamGates, nn.Module):
+    """The parameters SIGMA adds to one converted layer (`self_attn.sigma`): its two gates and stream bias."""
+
+    def __init__(self, input_size: int, head_dim: int, num_heads: int, num_intra_heads: int, settings: dict,
+                 sliding: bool):
+        super().__init__()
+        self.num_intra_heads = num_intra_heads
+        self.sliding = sliding                    # which of the model's masks this layer's global stream uses
+        widths = (num_intra_heads * head_dim, (num_heads - num_intra_heads) * head_dim)
+        self._init_stream_gates(input_size, widths, settings["use_gates"], settings["use_stream_bias"],
+                                settings["bias_init"])
+        for proj in (self.gate_intra_proj, self.gate_global_proj):
+            if proj is not None:
+                nn.init.zeros_(proj.weight)       # gates start at sigmoid(B): see the module docstring
+
+
+@dataclass
+class Plan:
+    """What every layer of one forward shares: the modality of the new tokens [B, Q] and the intra masks
+    (in the kernel's format), keyed by whether the layer uses a sliding window."""
+
+    modality_ids: torch.Tensor
+    intra_masks: dict
+
+
+class _SigmaView:
+    """The model's config as a converted layer sees it: every attribute is the model's (reads and writes go
+    to it), except the attention implementation, which is "sigma_ref"."""
+
+    def __init__(self, config):
+        object.__setattr__(self, "_base", config)
+
+    def __getattr__(self, name):
+        if name == "_base":                       # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._base, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._base, name, value)
+
+    @property
+    def _attn_implementation(self) -> str:
+        return KERNEL
+
+
+def sigma_attention(module, query, key, value, attention_mask, sigma_plan=None, sigma_input=None, **kwargs):
+    """The registered "sigma_ref" attention function. query [B, H, Q, d], key / value [B, H_kv, K, d] (rotary
+    applied, cache included); returns ([B, Q, H, d], weights or None) as every transformers kernel does."""
+    if sigma_plan is None or sigma_input is None:
+        raise ValueError(f"{type(module).__name__} was converted by sigmafy and must run inside its converted "
+                         "model (the model's forward prepares the modality ids and the intra mask)")
+    base = module.config._base._attn_implementation
+    if base not in MASKABLE:
+        raise ValueError(f"attn_implementation must be one of {MASKABLE} for a SIGMA model (their masks can hold "
+                         f"the intra condition), got {base!r}")
+    kernel = getattr(sys.modules[type(module).__module__], "eager_attention_forward") if base == "eager" \
+        else ALL_ATTENTION_FUNCTIONS[base]
+    gates: SigmaGates = module.sigma
+    h, heads = gates.num_intra_heads, query.shape[1]
+    h_kv = h // module.num_key_value_groups                        # the split falls on a K/V group boundary
+    parts = []
+    if h:
+        parts.append(kernel(module, query[:, :h], key[:, :h_kv], value[:, :h_kv],
+                            sigma_plan.intra_masks[gates.sliding], **kwargs))
+    if h < heads:
+        parts.append(kernel(module, query[:, h:], key[:, h_kv:], value[:, h_kv:], attention_mask, **kwargs))
+    out = torch.cat([o for o, _ in parts], dim=2)                  # [B, Q, H, d], intra heads first
+    extras = [w for _, w in parts]
+    extra = torch.cat(extras, dim=1) if all(w is not None for w in extras) else None
+    g = gates.gates(sigma_input, sigma_plan.modality_ids)          # [B, Q, H * d] or None
+    if g is not None:
+        out = (out.flatten(2) * g.to(out.dtype)).view_as(out)
+    return out, extra
+
+
+AttentionInterface.register(KERNEL, sigma_attention)
+
+
+def language_model(model) -> nn.Module:
+    """The decoder stack (LlamaModel, ...) inside a supported model; a ValueError names what is not supported."""
+    name = type(model).__name__
+    if name in DECODERS:
+        return model.model
+    if name in MULTIMODAL:
+        inner = model.model.language_model
+        if type(inner).__name__ in LANGUAGE_MODELS:
+            return inner
+        raise ValueError(f"model is a {name} whose language model is a {type(inner).__name__}; sigmafy supports "
+                         f"language models {LANGUAGE_MODELS}")
+    raise ValueError(f"model must be one of {DECODERS + MULTIMODAL}, got {name}")
+
+
+def sigmafy(model, num_intra_heads: int | None = None, bias_init=DEFAULT_BIAS_INIT, use_gates: bool = True,
+            use_stream_bias: bool = True, image_token_id: int | None = None):
+    """Convert every self-attention layer of `model` to SIGMA, in place; returns the model.
+
+    num_intra_heads  query heads 0..h-1 form the intra stream; None = half the key/value groups' heads. With
+                     grouped-query attention it must be a multiple of num_attention_heads // num_key_value_heads.
+    bias_init, use_gates, use_stream_bias   as in AttentionConfig.
+    image_token_id   the token whose positions are image positions; None reads the model's config (LLaVA's
+                     image_token_index). Without one, pass `modality_ids=` [B, S] (0 text, 1 image) to forward
+                     and generate.
+    A model saved after conversion records these settings in `config.sigma`; `from_pretrained` reloads it.
+    """
+    lm = language_model(model)
+    if getattr(model.config, "sigma", None) is not None and getattr(lm, "sigma_settings", None) is not None:
+        raise ValueError("model is already converted (model.config.sigma is set); convert the original once")
+    config = lm.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    group = heads // kv_heads
+    if num_intra_heads is None:
+        num_intra_heads = group * (kv_heads // 2)
+    check_int("num_intra_heads", num_intra_heads, 0, heads, why=f"(0..num_attention_heads={heads})")
+    if num_intra_heads % group:
+        raise ValueError(f"num_intra_heads must be a multiple of num_attention_heads // num_key_value_heads = "
+                         f"{heads} // {kv_heads} = {group}, so that each key/value head serves one stream; got "
+                         f"{num_intra_heads}")
+    for name, flag in (("use_gates", use_gates), ("use_stream_bias", use_stream_bias)):
+        check_bool(name, flag)
+    if image_token_id is None:
+        image_token_id = getattr(model.config, "image_token_id", None)
+    if image_token_id is not None:
+        check_int("image_token_id", image_token_id, 0, config.vocab_size - 1, why=f"(a token id < {config.vocab_size})")
+    settings = {"num_intra_heads": num_intra_heads, "bias_init": [list(r) for r in _check_bias_init(bias_init)],
+                "use_gates": use_gates, "use_stream_bias": use_stream_bias, "image_token_id": image_token_id}
+    settings["needs_modality"] = bool(num_intra_heads) or (use_gates and use_stream_bias)
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    sliding_kinds = set()
+    for layer in lm.layers:
+        attn = layer.self_attn
+        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
+        sliding_kinds.add(window is not None)
+        weight = attn.q_proj.weight
+        attn.sigma = SigmaGates(config.hidden_size, head_dim, heads, num_intra_heads, settings,
+                                window is not None).to(device=weight.device, dtype=weight.dtype)
+        attn.config = _SigmaView(attn.config)
+        attn.register_forward_pre_hook(_pass_layer_input, with_kwargs=True)
+    lm.sigma_settings = dict(settings, sliding_kinds=sorted(sliding_kinds))
+    lm.register_forward_pre_hook(_prepare_forward, with_kwargs=True)
+    if model is not lm:
+        model.register_forward_pre_hook(_modality_from_input_ids, with_kwargs=True)
+        model.sigma_settings = lm.sigma_settings
+    model.prepare_inputs_for_generation = _passing_modality_ids(model.prepare_inputs_for_generation)
+    model.config.sigma = {k: v for k, v in settings.items() if k != "needs_modality"}
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# The hooks: what a forward (or one generate step) prepares for the converted layers.
+# ---------------------------------------------------------------------------------------------------
+
+def _pass_layer_input(attn, args, kwargs):
+    """Hand the layer's input x to the attention function (the gates read it) through transformers' kwargs."""
+    kwargs["sigma_input"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return args, kwargs
+
+
+def _modality_from_input_ids(model, args, kwargs):
+    """On the outer model: LLaVA's language model sees embeddings only, so the image positions are read here."""
+    image_token_id = model.sigma_settings["image_token_id"]
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if kwargs.get("modality_ids") is None and image_token_id is not None and input_ids is not None:
+        kwargs["modality_ids"] = (input_ids == image_token_id).long()
+    return args, kwargs
+
+
+def _passing_modality_ids(prepare):
+    """generate() accepts only keywords that its input preparation names: this one names modality_ids and
+    hands them to every step's forward (which reads the new tokens' part, _new_token_ids)."""
+    def prepare_inputs_for_generation(*args, modality_ids=None, **kwargs):
+        inputs = prepare(*args, **kwargs)
+        if modality_ids is not None:
+            inputs["modality_ids"] = modality_ids
+        return inputs
+    return prepare_inputs_for_generation
+
+
+def _prepare_forward(lm, args, kwargs):
+    """On the language model: the modality of the new tokens, the history kept on the cache, the intra masks."""
+    settings = lm.sigma_settings
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    batch, q_len = (input_ids if embeds is None else embeds).shape[:2]
+    device = (input_ids if embeds is None else embeds).device
+
+    cache_key = "cache" if "cache" in kwargs or "past_key_values" not in kwargs else "past_key_values"
+    cache = kwargs.get(cache_key)
+    use_cache = kwargs.get("use_cache")
+    if cache is None and (lm.config.use_cache if use_cache is None else use_cache):
+        cache = kwargs[cache_key] = DynamicCache(config=lm.config)      # what the model makes; made here to hold
+    past = cache.get_seq_length() if cache is not None else 0           # the modality of the tokens it caches
+
+    ids = kwargs.pop("modality_ids", None)
+    if ids is None and input_ids is not None and settings["image_token_id"] is not None:
+        ids = (input_ids == settings["image_token_id"]).long()
+    if ids is None:
+        if settings["needs_modality"]:
+            raise ValueError("modality_ids is missing: this SIGMA model has no image_token_id, so pass "
+                             "modality_ids=[batch, seq] (0 text, 1 image) to forward / generate, or convert with "
+                             "sigmafy(..., image_token_id=...)")
+        ids = torch.zeros(batch, q_len, dtype=torch.long, device=device)
+    ids = _new_token_ids(ids, batch, q_len, past).to(device)
+
+    history = getattr(cache, "sigma_modality", None) if past else None
+    if past and (history is None or history.shape != (batch, history.shape[1]) or history.shape[1] < past):
+        raise ValueError(f"the cache holds {past} tokens whose modality this SIGMA model did not see; start "
+                         "generation from an empty cache")
+    every = torch.cat([history[:, :past], ids], dim=1) if past else ids  # [B, past + Q]
+    if cache is not None:
+        cache.sigma_modality = every
+
+    masks = {}
+    if settings["num_intra_heads"]:
+        dtype = embeds.dtype if embeds is not None else lm.get_input_embeddings().weight.dtype
+        shape_only = torch.empty(batch, q_len, 0, dtype=dtype, device=device)       # the builders read its shape
+        for sliding in settings["sliding_kinds"]:
+            build = create_sliding_window_causal_mask if sliding else create_causal_mask
+            masks[sliding] = build(lm.config, shape_only, kwargs.get("attention_mask"), cache,
+                                   position_ids=kwargs.get("position_ids"), and_mask_function=intra_mask_mod(every))
+    kwargs["sigma_plan"] = Plan(ids, masks)
+    return args, kwargs
+
+
+def _new_token_ids(ids, batch: int, q_len: int, past: int) -> torch.Tensor:
+    """The modality [B, Q] of this forward's Q new tokens. modality_ids may cover exactly the new tokens
+    ([B, Q] or [Q]), or the sequence from its first token: all of it ([B, past + Q]) or a prompt that
+    generation has since extended, whose later tokens (generated text) count as text."""
+    ids = validate_modality_ids(ids, "modality_ids")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0).expand(batch, -1)
+    length = ids.shape[-1]
+    if ids.dim() != 2 or ids.shape[0] != batch or length > past + q_len:
+        raise ValueError(f"modality_ids must have shape [batch, seq] = [{batch}, {q_len}] (the new tokens) or "
+                         f"[{batch}, n] with n <= {past + q_len} (the sequence from its first token, cached tokens "
+                         f"included), got {list(ids.shape)}")
+    if length == q_len:
+        return ids
+    whole = torch.zeros(batch, past + q_len, dtype=ids.dtype, device=ids.device)      # generated tokens: text
+    whole[:, :length] = ids
+    return whole[:, past:]

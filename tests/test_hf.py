@@ -1,0 +1,268 @@
+"""sigma_ref.hf: SIGMA inside Hugging Face models, on tiny random configs built here (nothing downloaded)."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from sigma_ref import data as D  # noqa: E402
+from sigma_ref.hf import from_pretrained, sigmafy, toy  # noqa: E402
+
+from conftest import modality_rows  # noqa: E402
+
+VOCAB, IMAGE_ID = 40, 7
+DECODERS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+
+def tiny_decoder(kind="llama", attn="sdpa", kv_heads=2, seed=0):
+    config_class, model_class = DECODERS[kind]
+    config = config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                          attn_implementation=attn)
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+def randomize_gates(model, seed=1):
+    """Gates start at sigmoid(B) (zero weights); random ones make every test below depend on them."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".sigma." in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    return model
+
+
+def right_padded(batch=2, length=12, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(8, VOCAB, (batch, length), generator=generator)
+    ids[:, 2:6] = IMAGE_ID
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, -3:] = 0                                                    # the first row is right-padded
+    return ids, mask
+
+
+def llava_batch(n=3):
+    samples = toy.ToyCaptions("test")
+    return toy.collate([samples[i] for i in range(n)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exactness
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_disabled_conversion_is_the_original_model(kind, attn):
+    original = tiny_decoder(kind, attn)
+    converted = sigmafy(copy.deepcopy(original), num_intra_heads=0, use_gates=False)
+    ids, mask = right_padded()
+    assert torch.equal(converted(ids, attention_mask=mask).logits, original(ids, attention_mask=mask).logits)
+
+
+def test_disabled_conversion_of_llava_is_the_original_model():
+    original = toy.tiny_llava().eval()
+    converted = sigmafy(copy.deepcopy(original), num_intra_heads=0, use_gates=False)
+    batch = llava_batch()
+    assert torch.equal(converted(**batch).logits, original(**batch).logits)
+
+
+def stream_inputs(model, ids, modality_ids):
+    """o_proj's input at every layer [B, S, H * d] (intra channels first), recorded by forward pre-hooks."""
+    seen = []
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+             for layer in model.model.layers]
+    try:
+        logits = model(ids, modality_ids=modality_ids).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, seen
+
+
+@settings(max_examples=15)
+@given(layout=modality_rows(max_batch=2, max_len=14), seed=st.integers(0, 2 ** 16))
+def test_text_tokens_intra_stream_ignores_every_image_token(layout, seed):
+    """Change every image token: the text tokens' intra stream does not move (at the first layer, whose input
+    is the token itself); with every head intra, nothing about a text token moves, logits included."""
+    batch, length = layout.shape
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=generator)
+    other = torch.where(layout.bool(), torch.randint(0, VOCAB, (batch, length), generator=generator), ids)
+    text = ~layout.bool()
+    split = randomize_gates(sigmafy(tiny_decoder(), num_intra_heads=2))
+    _, before = stream_inputs(split, ids, layout)
+    _, after = stream_inputs(split, other, layout)
+    intra = slice(0, 2 * 16)                                           # two intra heads of 16 channels
+    torch.testing.assert_close(after[0][..., intra][text], before[0][..., intra][text], rtol=0, atol=1e-6)
+    sees_a_change = text & ((ids != other).cumsum(1) > 0)              # text after a changed image token
+    if sees_a_change.any():                                            # ... whose global stream does see it
+        assert not torch.allclose(after[0][..., 32:][sees_a_change], before[0][..., 32:][sees_a_change], atol=1e-6)
+    pure = randomize_gates(sigmafy(tiny_decoder(), num_intra_heads=4))
+    logits_before, _ = stream_inputs(pure, ids, layout)
+    logits_after, _ = stream_inputs(pure, other, layout)
+    torch.testing.assert_close(logits_after[text], logits_before[text], rtol=0, atol=1e-5)
+
+
+def test_llava_text_logits_ignore_the_image_when_every_head_is_intra():
+    model = randomize_gates(sigmafy(toy.tiny_llava(), num_intra_heads=4)).eval()
+    batch = llava_batch()
+    other = dict(batch, pixel_values=torch.rand_like(batch["pixel_values"]))
+    text = batch["input_ids"] != D.IMAGE_TOKEN
+    split = randomize_gates(sigmafy(toy.tiny_llava(), num_intra_heads=2)).eval()
+    torch.testing.assert_close(model(**other).logits[text], model(**batch).logits[text], rtol=0, atol=1e-5)
+    assert not torch.allclose(split(**other).logits[text], split(**batch).logits[text], atol=1e-3)
+
+
+@pytest.mark.parametrize("route", ["image_token_id", "modality_ids"])
+def test_cached_generation_equals_uncached(route):
+    model = randomize_gates(sigmafy(tiny_decoder(), image_token_id=IMAGE_ID if route == "image_token_id" else None))
+    ids, _ = right_padded(batch=2, length=9)
+    extra = {} if route == "image_token_id" else {"modality_ids": (ids == IMAGE_ID).long()}
+    common = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0, **extra)
+    cached = model.generate(ids, use_cache=True, **common)
+    uncached = model.generate(ids, use_cache=False, **common)
+    assert torch.equal(cached, uncached)
+    # Step by step with the cache, the logits equal one forward over the whole sequence.
+    whole = model(cached, modality_ids=(cached == IMAGE_ID).long()).logits
+    out = model(cached[:, :9], modality_ids=(cached[:, :9] == IMAGE_ID).long(), use_cache=True)
+    steps = [out.logits]
+    for i in range(9, cached.shape[1]):
+        out = model(cached[:, i:i + 1], modality_ids=(cached[:, :i + 1] == IMAGE_ID).long(),
+                    past_key_values=out.past_key_values, use_cache=True)
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=0, atol=1e-5)
+
+
+def test_llava_cached_generation_equals_uncached():
+    model = randomize_gates(sigmafy(toy.tiny_llava())).eval()
+    batch = llava_batch()
+    prompt = batch["input_ids"][:, :len(toy.PROMPT)]
+    common = dict(input_ids=prompt, pixel_values=batch["pixel_values"], attention_mask=torch.ones_like(prompt),
+                  max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(use_cache=True, **common), model.generate(use_cache=False, **common))
+
+
+@torch.no_grad()                        # FlexAttention has no backward on CPU
+def test_fp32_kernels_agree_and_bf16_autocast_runs():
+    ids, mask = right_padded()
+    outputs = {}
+    for attn in ("eager", "sdpa", "flex_attention"):
+        model = randomize_gates(sigmafy(tiny_decoder(attn=attn), image_token_id=IMAGE_ID))
+        outputs[attn] = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    for attn in ("sdpa", "flex_attention"):
+        torch.testing.assert_close(outputs[attn][real], outputs["eager"][real], rtol=0, atol=1e-5)
+    model = randomize_gates(sigmafy(tiny_decoder(), image_token_id=IMAGE_ID))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(ids, attention_mask=mask).logits
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    torch.testing.assert_close(low.float()[real], outputs["sdpa"][real], rtol=0, atol=0.1)
+
+
+def test_switching_the_models_kernel_keeps_sigma():
+    model = randomize_gates(sigmafy(tiny_decoder(attn="sdpa"), image_token_id=IMAGE_ID))
+    ids, mask = right_padded()
+    sdpa = model(ids, attention_mask=mask).logits
+    model.set_attn_implementation("eager")
+    assert model.model.layers[0].self_attn.config._attn_implementation == "sigma_ref"
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits[mask.bool()], sdpa[mask.bool()],
+                               rtol=0, atol=1e-5)
+
+
+def test_gradients_reach_the_gates_and_the_stream_bias():
+    model = sigmafy(toy.tiny_llava())
+    model(**llava_batch()).loss.backward()
+    attn = model.model.language_model.layers[0].self_attn
+    for p in (attn.sigma.gate_intra_proj.weight, attn.sigma.gate_global_proj.weight, attn.sigma.stream_bias):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving and loading
+# ---------------------------------------------------------------------------------------------------
+
+def test_save_and_load_round_trip(tmp_path):
+    model = randomize_gates(sigmafy(tiny_decoder(), num_intra_heads=2, image_token_id=IMAGE_ID,
+                                    bias_init=((2.0, 0.5), (-1.0, 0.0))))
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(LlamaForCausalLM, tmp_path).eval()
+    assert loaded.config.sigma == model.config.sigma
+    assert loaded.config.sigma["num_intra_heads"] == 2 and loaded.config.sigma["image_token_id"] == IMAGE_ID
+    ids, mask = right_padded()
+    assert torch.equal(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+
+def test_llava_save_and_load_round_trip(tmp_path):
+    model = randomize_gates(sigmafy(toy.tiny_llava())).eval()
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(transformers.LlavaForConditionalGeneration, tmp_path).eval()
+    batch = llava_batch()
+    assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------
+
+def test_bad_input_is_named():
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32))
+    with pytest.raises(ValueError, match=r"model must be one of .*got GPT2LMHeadModel"):
+        sigmafy(gpt2)
+    for heads, pattern in ((5, r"num_intra_heads must be an int in 0\.\.4"), (-1, "num_intra_heads"),
+                           (1, r"num_intra_heads must be a multiple of .* = 2.*got 1")):
+        with pytest.raises(ValueError, match=pattern):
+            sigmafy(tiny_decoder(), num_intra_heads=heads)
+    with pytest.raises(ValueError, match="image_token_id must be an int in 0..39"):
+        sigmafy(tiny_decoder(), image_token_id=VOCAB)
+    model = sigmafy(tiny_decoder())
+    ids, _ = right_padded()
+    with pytest.raises(ValueError, match="modality_ids is missing"):
+        model(ids)
+    for shape in ((2, 13), (3, 12)):
+        with pytest.raises(ValueError, match=rf"modality_ids must have shape \[batch, seq\] = \[2, 12\].*got \[{shape[0]}, {shape[1]}\]"):
+            model(ids, modality_ids=torch.zeros(shape, dtype=torch.long))
+    with pytest.raises(ValueError, match="modality_ids"):
+        model(ids, modality_ids=torch.full((2, 12), 3))
+    with pytest.raises(ValueError, match="already converted"):
+        sigmafy(model)
+    with pytest.raises(ValueError, match="not converted"):
+        tiny_decoder().save_pretrained("/tmp/sigma_ref_plain") or from_pretrained(LlamaForCausalLM, "/tmp/sigma_ref_plain")
+    # Nothing depends on the modality without intra heads or stream bias: then no ids are needed.
+    plain = sigmafy(tiny_decoder(), num_intra_heads=0, use_stream_bias=False)
+    assert plain(ids).logits.shape == (2, 12, VOCAB)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training with the ecosystem's tools
+# ---------------------------------------------------------------------------------------------------
+
+def test_torchrun_with_two_processes_matches_one(tmp_path):
+    """The same global batch of 8 on one process or split 4 + 4 over two (DDP, gloo): the same losses and the
+    same weights, up to the order of floating-point sums."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    common = ["-m", "sigma_ref.hf.finetune", "--attention", "sigma", "--steps", "6", "--batch-size", "8", "--save"]
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], check=True, env=env,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *common,
+                    "--out", str(tmp_path / "two")], check=True, env=env, capture_output=True)
+    one, two = (json.loads((tmp_path / run / "log.json").read_text()) for run in ("one", "two"))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    losses = [[row["loss"] for row in run["log"]] for run in (one, two)]
+    assert len(losses[0]) == 6 and losses[0][-1] < losses[0][0]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=0, atol=1e-5)
+    weights = [load_file(tmp_path / run / "model.safetensors") for run in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys() and any(".sigma." in k for k in weights[0])
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=0, atol=1e-4)

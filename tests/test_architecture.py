@@ -35,7 +35,7 @@ FLOORS = [
     ["widgets"],
     # the tooling
     ["lab", "teaching", "teaching.course", "lab.lower_bounds", "hf.convert", "hf.toy"],
-    ["lab.experiments", "lab.bench", "hf", "hf.finetune"],
+    ["lab.experiments", "lab.bench", "hf", "hf.finetune", "hf.bench"],
     ["lab.speedrun", "lab.gpucheck", "lab.dilution"],
     ["lab.report", "lab.var_study"],
     ["__main__"],

@@ -60,6 +60,21 @@ def test_the_solved_and_learner_copies_run_as_the_course_says():
     assert learner.returncode != 0 and "NotImplementedError: write f. Hint: 42" in learner.stderr
 
 
+def test_committed_checks_may_raise_under_nbmake_and_solved_ones_may_not():
+    """nbmake's raises-exception tag lets `pytest --nbmake notebooks/` pass on the committed notebooks (the stub
+    in place raises at the check, by design); a solved copy must print "correct", so solved() drops it."""
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        nb = course.read(path)
+        checks = [check for _, _, check in course.exercise_cells(nb)]
+        assert all(course.STUB_RAISES in course.tags(nb["cells"][i]) for i in checks), path.name
+        raising = [i for i, c in enumerate(nb["cells"]) if course.STUB_RAISES in course.tags(c)]
+        assert raising == checks, f"{path.name}: only the check cell may be expected to raise"
+        solved = course.solved(nb)
+        assert not any(course.STUB_RAISES in course.tags(c) for c in solved["cells"]), path.name
+
+
 @pytest.mark.parametrize("cells, message", [
     ([cell("code", STUB, "exercise"), cell("code", CHECK)], "must be followed"),
     ([cell("code", STUB, "exercise"), cell("code", SOLUTION, "solution"), cell("code", CHECK, "check")],

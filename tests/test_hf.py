@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from sigma_ref import data as D  # noqa: E402
 from sigma_ref.hf import from_pretrained, sigmafy, toy  # noqa: E402
@@ -16,14 +17,15 @@ from sigma_ref.hf import from_pretrained, sigmafy, toy  # noqa: E402
 from conftest import modality_rows  # noqa: E402
 
 VOCAB, IMAGE_ID = 40, 7
-DECODERS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+DECODERS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+            "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
 
 
-def tiny_decoder(kind="llama", attn="sdpa", kv_heads=2, seed=0):
+def tiny_decoder(kind="llama", attn="sdpa", kv_heads=2, seed=0, **options):
     config_class, model_class = DECODERS[kind]
     config = config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                          attn_implementation=attn)
+                          attn_implementation=attn, **options)
     torch.manual_seed(seed)
     return model_class(config).eval()
 
@@ -57,7 +59,7 @@ def llava_batch(n=3):
 # ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", list(DECODERS))
 def test_disabled_conversion_is_the_original_model(kind, attn):
     original = tiny_decoder(kind, attn)
     converted = sigmafy(copy.deepcopy(original), num_intra_heads=0, use_gates=False)
@@ -107,6 +109,23 @@ def test_text_tokens_intra_stream_ignores_every_image_token(layout, seed):
     logits_before, _ = stream_inputs(pure, ids, layout)
     logits_after, _ = stream_inputs(pure, other, layout)
     torch.testing.assert_close(logits_after[text], logits_before[text], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, options", [("qwen2", {}), ("qwen3", {}), ("mistral", {"sliding_window": 5})])
+def test_every_supported_decoder_keeps_text_pure(kind, options):
+    """Qwen2 (biased projections), Qwen3 (q/k norms) and Mistral (a sliding window, which the intra mask
+    keeps): all-intra text logits ignore the image tokens, and the window still limits what a token sees."""
+    ids, _ = right_padded(batch=2, length=12)
+    layout = (ids == IMAGE_ID).long()
+    other = torch.where(layout.bool(), torch.randint(8, VOCAB, ids.shape), ids)
+    model = randomize_gates(sigmafy(tiny_decoder(kind, **options), num_intra_heads=4, image_token_id=None))
+    text = ~layout.bool()
+    torch.testing.assert_close(model(other, modality_ids=layout).logits[text], model(ids, modality_ids=layout).logits[text],
+                               rtol=0, atol=1e-5)
+    if options:                        # a text token 6 or more places back is outside the window of 5
+        far = ids.clone()
+        far[:, 0] = (far[:, 0] + 1) % VOCAB
+        assert torch.equal(model(far, modality_ids=layout).logits[:, 11], model(ids, modality_ids=layout).logits[:, 11])
 
 
 def test_llava_text_logits_ignore_the_image_when_every_head_is_intra():

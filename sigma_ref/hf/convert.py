@@ -272,11 +272,33 @@ def _prepare_forward(lm, args, kwargs):
         dtype = embeds.dtype if embeds is not None else lm.get_input_embeddings().weight.dtype
         shape_only = torch.empty(batch, q_len, 0, dtype=dtype, device=device)       # the builders read its shape
         for sliding in settings["sliding_kinds"]:
-            build = create_sliding_window_causal_mask if sliding else create_causal_mask
-            masks[sliding] = build(lm.config, shape_only, kwargs.get("attention_mask"), cache,
-                                   position_ids=kwargs.get("position_ids"), and_mask_function=intra_mask_mod(every))
+            masks[sliding] = _intra_mask(lm.config, sliding, shape_only, kwargs.get("attention_mask"), cache,
+                                         kwargs.get("position_ids"), every)
     kwargs["sigma_plan"] = Plan(ids, masks)
     return args, kwargs
+
+
+def _intra_mask(config, sliding: bool, shape_only, attention_mask, cache, position_ids, every):
+    """The intra stream's mask in the format of the model's kernel: the model's own mask (causal, padding,
+    window) AND same modality. Dense masks (eager, sdpa) of full-attention layers are the model's mask with the
+    other modality's keys removed, one comparison [B, 1, Q, K]; otherwise transformers' builder evaluates
+    sigma_ref's `intra_mask_mod` as an extra condition at every (query, key) (5-10x slower to build, and
+    needed where keys do not start at position 0: a sliding-window cache, a FlexAttention block mask)."""
+    build = create_sliding_window_causal_mask if sliding else create_causal_mask
+    if not sliding and config._attn_implementation in ("eager", "sdpa"):
+        allowed = build(config, shape_only, attention_mask, cache, position_ids=position_ids,
+                        allow_is_causal_skip=False)          # [B, 1, Q, K]: bool (sdpa) or additive (eager)
+        if isinstance(allowed, torch.Tensor) and allowed.dim() == 4:
+            q_len, k_len = allowed.shape[-2:]
+            keys = torch.zeros(every.shape[0], k_len, dtype=every.dtype, device=every.device)
+            keys[:, :min(k_len, every.shape[1])] = every[:, :k_len]          # a static cache's unused slots
+            same = every[:, -q_len:, None] == keys[:, None, :]               # [B, Q, K]
+            same = same[:, None]                                             # [B, 1, Q, K]
+            if allowed.dtype == torch.bool:
+                return allowed & same
+            return allowed.masked_fill(~same, torch.finfo(allowed.dtype).min)
+    return build(config, shape_only, attention_mask, cache, position_ids=position_ids,
+                 and_mask_function=intra_mask_mod(every))
 
 
 def _new_token_ids(ids, batch: int, q_len: int, past: int) -> torch.Tensor:

@@ -28,26 +28,38 @@ ATTENTIONS = ("standard", "sigma")
 
 
 class LossLog(TrainerCallback):
-    """The training loss at every logged step, and the seconds since training began."""
+    """The training loss at every logged step and, every `eval_every` steps, validation caption exact match
+    (on `eval_size` captions, process 0 only); "seconds" counts training time, evaluations excluded."""
 
-    def __init__(self):
-        self.rows, self.start = [], time.perf_counter()
+    def __init__(self, eval_every: int = 0, eval_size: int = 100):
+        self.rows, self.checks, self.eval_every, self.eval_size = [], [], eval_every, eval_size
+        self.start, self.evaluating = time.perf_counter(), 0.0
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.start - self.evaluating, 2)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self.rows.append({"step": state.global_step, "loss": logs["loss"],
-                              "seconds": round(time.perf_counter() - self.start, 2)})
+            self.rows.append({"step": state.global_step, "loss": logs["loss"], "seconds": self.seconds()})
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.eval_every and state.global_step % self.eval_every == 0 and state.is_world_process_zero:
+            began, seconds = time.perf_counter(), self.seconds()
+            accuracy = toy.caption_exact_match(model, "validation", limit=self.eval_size)
+            self.checks.append({"step": state.global_step, "seconds": seconds, "validation_caption_em": accuracy})
+            self.evaluating += time.perf_counter() - began
 
 
-def build(attention: str, seed: int = 0, **model_options):
-    """A tiny LLaVA (toy.tiny_llava), converted to SIGMA when attention == "sigma"."""
+def build(attention: str, seed: int = 0, sigma_options: dict | None = None, **model_options):
+    """A tiny LLaVA (toy.tiny_llava), converted to SIGMA (with `sigma_options` for sigmafy) when
+    attention == "sigma"."""
     check_choice("attention", attention, ATTENTIONS)
     model = toy.tiny_llava(seed=seed, **model_options)
-    return sigmafy(model) if attention == "sigma" else model
+    return sigmafy(model, **(sigma_options or {})) if attention == "sigma" else model
 
 
 def finetune(model, out_dir, steps: int = 600, batch_size: int = 16, learning_rate: float = 3e-3, seed: int = 0,
-             train_size: int = 20_000, log_every: int = 1) -> tuple[Trainer, LossLog]:
+             train_size: int = 20_000, log_every: int = 1, eval_every: int = 0) -> tuple[Trainer, LossLog]:
     """Train `model` with transformers.Trainer for `steps` steps of `batch_size` (global) toy captions."""
     check_int("steps", steps, low=1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -60,7 +72,7 @@ def finetune(model, out_dir, steps: int = 600, batch_size: int = 16, learning_ra
         remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         disable_tqdm=int(os.environ.get("RANK", "0")) != 0,
         ddp_backend=None if torch.cuda.is_available() else ("gloo" if world > 1 else None))
-    log = LossLog()
+    log = LossLog(eval_every)
     trainer = Trainer(model=model, args=args, train_dataset=toy.ToyCaptions(size=train_size, seed=seed),
                       data_collator=lambda rows: toy.collate(rows), callbacks=[log])
     trainer.train()
@@ -70,20 +82,29 @@ def finetune(model, out_dir, steps: int = 600, batch_size: int = 16, learning_ra
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attention", choices=ATTENTIONS, default="sigma")
+    parser.add_argument("--num-intra-heads", type=int, default=None, help="sigma: intra heads (default: half)")
+    parser.add_argument("--no-gates", action="store_true", help="sigma: the split without gates (an ablation)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=16, help="the global batch")
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     parser.add_argument("--save", action="store_true", help="save_pretrained the trained model into --out")
-    parser.add_argument("--evaluate", type=int, default=0, help="test captions to score (0: none)")
+    parser.add_argument("--evaluate", type=int, default=0, help="test captions to score at the end (0: none)")
+    parser.add_argument("--eval-every", type=int, default=0, help="score 100 validation captions every N steps")
+    parser.add_argument("--log-every", type=int, default=1)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    model = build(args.attention, seed=args.seed)
-    trainer, log = finetune(model, args.out, args.steps, args.batch_size, args.learning_rate, args.seed)
+    options = {"num_intra_heads": args.num_intra_heads, "use_gates": not args.no_gates}
+    model = build(args.attention, seed=args.seed, sigma_options=options)
+    trainer, log = finetune(model, args.out, args.steps, args.batch_size, args.learning_rate, args.seed,
+                            log_every=args.log_every, eval_every=args.eval_every)
     if trainer.is_world_process_zero():
         result = {"attention": args.attention, "steps": args.steps, "batch_size": args.batch_size,
-                  "processes": int(os.environ.get("WORLD_SIZE", "1")), "log": log.rows}
+                  "sigma": getattr(trainer.model.config, "sigma", None),
+                  "learning_rate": args.learning_rate, "seed": args.seed,
+                  "processes": int(os.environ.get("WORLD_SIZE", "1")), "train_seconds": log.seconds(),
+                  "log": log.rows, "validation_checks": log.checks}
         if args.evaluate:
             result["test_caption_exact_match"] = toy.caption_exact_match(trainer.model, limit=args.evaluate)
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ Jupyter, nbgrader and jupyter-book all use to single cells out):
 - ``solution``: a RAW cell with a correct answer. Jupyter never executes raw cells, so Run All does not run it;
   JupyterLab shows it collapsed, for self-study.
 - ``check``: the automatic check. It fails on the stub and on plausible wrong answers with a message that says
-  what was expected, and prints "correct" on a right one.
+  what was expected, and prints "correct" on a right one. The committed check cell also carries nbmake's
+  ``raises-exception`` tag: on the committed notebook (the stub in place) it raises by design, so
+  ``pytest --nbmake notebooks/`` passes; ``solved(nb)`` removes the tag, so a solved run must print "correct".
 
 From those tags:
 - ``solved(nb)`` puts each solution into its exercise cell: what the tests execute and what the book shows;
@@ -35,6 +37,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 EXERCISE, SOLUTION, CHECK = "exercise", "solution", "check"
+STUB_RAISES = "raises-exception"             # nbmake: this cell is expected to raise (the stub is in place)
 
 
 def tags(cell: dict) -> list[str]:
@@ -109,8 +112,13 @@ def stubs(nb: dict) -> list[str]:
 
 
 def solved(nb: dict) -> dict:
-    """The notebook with every solution in its exercise cell: Run All prints "correct" at each check."""
-    return with_answers(nb, solutions(nb))
+    """The notebook with every solution in its exercise cell: Run All prints "correct" at each check (which
+    may no longer raise: its raises-exception tag is removed)."""
+    out = with_answers(nb, solutions(nb))
+    for _, _, check in exercise_cells(out):
+        metadata = out["cells"][check]["metadata"]
+        metadata["tags"] = [tag for tag in tags(out["cells"][check]) if tag != STUB_RAISES]
+    return out
 
 
 def learner_copy(nb: dict) -> dict:

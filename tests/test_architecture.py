@@ -35,8 +35,8 @@ FLOORS = [
     ["widgets"],
     # the tooling
     ["lab", "teaching", "teaching.course", "lab.lower_bounds", "hf.convert", "hf.toy"],
-    ["lab.experiments", "lab.bench", "hf", "hf.finetune", "hf.bench"],
-    ["lab.speedrun", "lab.gpucheck", "lab.dilution"],
+    ["lab.experiments", "lab.bench", "hf", "hf.finetune"],
+    ["lab.speedrun", "lab.gpucheck", "lab.dilution", "hf.bench"],
     ["lab.report", "lab.var_study"],
     ["__main__"],
 ]

@@ -285,3 +285,19 @@ def test_torchrun_with_two_processes_matches_one(tmp_path):
     assert weights[0].keys() == weights[1].keys() and any(".sigma." in k for k in weights[0])
     for name in weights[0]:
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=0, atol=1e-4)
+
+
+def test_the_benchmark_measures_both_models_side_by_side():
+    """hf.bench at a short length: both models timed side by side, the ratio of what was measured (no timing is
+    asserted: a shared machine makes any timing lie). Its memory measure runs in fresh processes; the committed
+    run (results/hf/bench_cpu.json) exercises it."""
+    from sigma_ref.hf import bench
+
+    batch = bench.long_batch(130)
+    assert batch["input_ids"].shape == (1, 130) and batch["pixel_values"].shape[0] == 2
+    assert int((batch["input_ids"] == D.IMAGE_TOKEN).sum()) == 2 * D.NUM_PATCHES
+    times = bench.time_pair(130, repeats=1, device="cpu")
+    assert set(times["median_seconds"]) == {"original", "sigma"}
+    assert times["time_ratio"] == times["median_seconds"]["sigma"] / times["median_seconds"]["original"]
+    with pytest.raises(ValueError, match="length must be an int >= 64"):
+        bench.long_batch(10)

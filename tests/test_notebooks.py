@@ -50,8 +50,8 @@ def test_notebook_runs_in_fast_mode(path, notebook_runs, record_property):
             assert output.get("output_type") != "error", f"{path.name}: {output.get('ename')}"
 
 
-def test_there_are_ten_notebooks():
-    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(10)]
+def test_there_are_eleven_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(11)]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -21,9 +21,10 @@ def test_environment_yml_names_the_same_dependencies_as_pyproject():
     assert any(str(dep).startswith("python=3.11") for dep in env["dependencies"] if isinstance(dep, str))
     pip_section = next(dep["pip"] for dep in env["dependencies"] if isinstance(dep, dict))
     assert "torch==2.13.0" in pip_section, "the conda env must pin the CPU wheel, as CI does"
-    assert "-e .[dev]" in pip_section
+    assert "-e .[dev,hf]" in pip_section
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {requirement_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    extras = project["optional-dependencies"]
+    wanted = {requirement_name(r) for r in project["dependencies"] + extras["dev"] + extras["hf"]}
     named = {requirement_name(r) for r in pip_section if not r.startswith("-e")}
     assert wanted == named, f"only in pyproject: {wanted - named}; only in environment.yml: {named - wanted}"
 
@@ -64,9 +65,10 @@ def test_every_generated_block_matches_the_committed_runs():
     """README.md and docs/ quote run figures only inside generated blocks; each equals what results/ gives."""
     assert report.stale_blocks(ROOT) == []
     for document, wanted in [("README.md", {"package-map", "compare-table", "compare-figures"}),
-                             ("docs/RESULTS.md", {"compare-table", "compare-figures", "dilution-tables", "dilution-figures"}),
+                             ("docs/RESULTS.md", {"compare-table", "compare-figures", "dilution-tables", "dilution-figures",
+                                                  "hf-finetune"}),
                              ("docs/PERFORMANCE.md", {"speedrun-log", "time-to-accuracy", "speedrun-figures",
-                                                      "bench-tables", "bench-figures"})]:
+                                                      "bench-tables", "bench-figures", "hf-bench"})]:
         blocks = dict(report.BLOCK.findall((ROOT / document).read_text()))
         assert wanted <= set(blocks) and all(body.strip() for body in blocks.values()), (document, set(blocks))
 

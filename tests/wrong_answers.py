@@ -142,4 +142,17 @@ def var_row(row, is_image, is_sink, p=0.4, rho=0.5, floor=0.2):
     return [a * (1 - p) if s else a + share if k else a for a, s, k in zip(row, is_sink, plain)]
 """,
     ],
+    "10_sigma_in_hugging_face": [
+        """\
+def sdpa_intra_mask(modality_ids, attention_mask):
+    seq = modality_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()[None]
+    return (causal & (modality_ids[:, :, None] == modality_ids[:, None, :]))[:, None]     # padding forgotten
+""",
+        """\
+def sdpa_intra_mask(modality_ids, attention_mask):
+    same = modality_ids[:, :, None] == modality_ids[:, None, :]
+    return (same & attention_mask.bool()[:, None, :])[:, None]                        # the future is visible
+""",
+    ],
 }

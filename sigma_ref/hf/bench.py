@@ -6,17 +6,18 @@ Both models are the same tiny LLaVA (toy.tiny_llava, the same weights), one conv
 is made of blocks of 48 text tokens and one 16-token image, so a quarter of it is image. The two models are
 timed in ONE process, interleaved (original, converted, original, ...), and the report gives each one's median
 and the ratio of medians: on a shared machine only side-by-side figures mean anything. Peak memory is the
-largest resident set (CPU) or torch's peak allocation (CUDA) during one forward + backward, each model measured
-in a fresh child process so that neither inherits the other's peak.
+growth of the resident set (CPU) or of torch's allocation (CUDA) during one forward + backward, each model
+in a fresh process (its growth during the step: the weights and the batch are not counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import resource
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 
 from .. import data as D
 from ..checks import check_int
+from ..lab.bench import _MALLOC_ENV
 from . import toy
 from .convert import sigmafy
 
@@ -79,31 +81,47 @@ def time_pair(length: int, repeats: int, device: str) -> dict:
             "time_ratio": medians["sigma"] / medians["original"]}
 
 
-def _peak_in_child(converted: bool, length: int, device: str, queue) -> None:
-    torch.set_num_threads(1)
-    batch = {k: v.to(device) for k, v in long_batch(length).items()}
-    model = make_model(converted, device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        step(model, batch)
-        queue.put(torch.cuda.max_memory_allocated() / 2 ** 20)
-    else:
-        step(model, batch)
-        queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)       # KiB -> MiB
+_MEMORY_SCRIPT = """
+import torch
+torch.set_num_threads(1)
+from sigma_ref.hf import bench
+def status_kib(field):  # a field of /proc/self/status, in KiB
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+batch = bench.long_batch({length})
+model = bench.make_model({converted}, "cpu")
+before = status_kib("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:   # reset the peak (VmHWM) to the current resident size
+    f.write("5")
+bench.step(model, batch)
+print((status_kib("VmHWM") - before) / 1024)
+"""
 
 
 def peak_memory(length: int, device: str) -> dict:
-    """Peak memory (MiB) of one forward + backward, each model in a fresh child process."""
+    """Peak memory growth (MiB) of one forward + backward: activations, gradients and temporaries; the weights
+    and the batch exist before and are not counted. On CPU each model runs in a fresh process, with malloc
+    settings that make the resident size follow the live tensors (lab/bench.py explains them)."""
     peaks = {}
-    context = multiprocessing.get_context("spawn")
     for name, converted in (("original", False), ("sigma", True)):
-        queue = context.Queue()
-        child = context.Process(target=_peak_in_child, args=(converted, length, device, queue))
-        child.start()
-        peaks[name] = queue.get()
-        child.join()
+        if device == "cuda":
+            batch = {k: v.to(device) for k, v in long_batch(length).items()}
+            model = make_model(converted, device)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step(model, batch)
+            torch.cuda.synchronize()
+            peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            del model, batch
+            continue
+        script = _MEMORY_SCRIPT.format(length=length, converted=converted)
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             env={**os.environ, **_MALLOC_ENV})
+        peaks[name] = float(out.stdout.strip().splitlines()[-1])
     return {"peak_mib": peaks, "memory_ratio": peaks["sigma"] / peaks["original"],
-            "measure": "max_memory_allocated" if device == "cuda" else "max resident set size of the process"}
+            "measure": "growth of torch.cuda.max_memory_allocated" if device == "cuda"
+            else "growth of the peak resident set (VmHWM)"}
 
 
 def main(argv=None) -> None:

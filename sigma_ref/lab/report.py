@@ -182,7 +182,7 @@ def speedrun_figures(results: Path) -> str:
 
 PACKAGE = ROOT / "sigma_ref"
 MAP_ORDER = ("checks", "runtime", "masks", "kernels/", "attention", "moda", "model", "data", "evaluate", "probes",
-             "var", "optim", "train", "viz", "widgets", "lab/", "teaching/", "testing/")
+             "var", "optim", "train", "viz", "widgets", "lab/", "teaching/", "testing/", "hf/")
 
 
 def first_sentence(path: Path) -> str:
@@ -239,8 +239,53 @@ def package_map(results: Path) -> str:
     return "\n".join(["| module | what it is (its docstring's first sentence) |", "|---|---|", *rows])
 
 
+HF_VARIANTS = {"standard": "original (unconverted)", "sigma_nointra": "sigmafy, 0 intra heads (gates only)",
+               "sigma": "sigmafy (2 of 4 heads intra, gates)", "sigma_nogates": "sigmafy, 2 intra heads, no gates"}
+
+
+def _mean_sd(values) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def hf_finetune(results: Path) -> str:
+    """The tiny LLaVA fine-tuned with transformers.Trainer (results/hf/finetune/<variant>_seed<N>/log.json)."""
+    runs = {}
+    for path in sorted((results / "hf" / "finetune").glob("*_seed*/log.json")):
+        runs.setdefault(path.parent.name.rsplit("_seed", 1)[0], []).append(json.loads(path.read_text()))
+    lines = ["| model | seeds | steps | test caption EM (mean ± sample std) | per seed | first validation check >= 90%, "
+             "per seed: step (training s) |", "|---|---|---|---|---|---|"]
+    for name, label in HF_VARIANTS.items():
+        seeds = runs.get(name, [])
+        if not seeds:
+            continue
+        tests = [run["test_caption_exact_match"] for run in seeds]
+        first = [next((f"{c['step']} ({c['seconds']:.0f})" for c in run["validation_checks"]
+                       if c["validation_caption_em"] >= 0.9), None) for run in seeds]
+        lines.append(f"| {label} | {len(seeds)} | {seeds[0]['steps']} | {_mean_sd(tests)} | "
+                     f"{', '.join(f'{t:.3f}' for t in tests)} | "
+                     f"{', '.join('not reached' if t is None else t for t in first)} |")
+    return "\n".join(lines)
+
+
+def hf_bench(results: Path) -> str:
+    """Forward + backward of the tiny LLaVA, original vs sigmafied (results/hf/bench_cpu.json)."""
+    bench = _json(results, "hf/bench_cpu.json")
+    lines = [f"Measured on {bench['device']}; medians of {bench['rows'][0]['repeats']} interleaved steps, peak "
+             f"memory as the {bench['rows'][0]['measure']} (a fresh process per model).", "",
+             "| tokens | original s | sigmafied s | time ratio | original peak MiB | sigmafied peak MiB | memory ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for row in bench["rows"]:
+        t, m = row["median_seconds"], row["peak_mib"]
+        lines.append(f"| {row['length']} | {t['original']:.3f} | {t['sigma']:.3f} | {row['time_ratio']:.2f}x | "
+                     f"{m['original']:.0f} | {m['sigma']:.0f} | {row['memory_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
 BLOCKS = {
     "package-map": package_map,
+    "hf-finetune": hf_finetune,
+    "hf-bench": hf_bench,
     "compare-table": compare_table,
     "compare-figures": compare_figures,
     "dilution-tables": dilution_tables,

@@ -181,19 +181,37 @@ def gate_by_word_class(model, batch: dict) -> dict:
 
 @torch.no_grad()
 def attention_sinks(model, batch: dict) -> dict:
-    """The Gated Attention paper's two measures, per layer.
+    """The Gated Attention paper's two measures, per layer, and what uniform attention would give.
 
-    first_token: mean attention probability on the first token (the "attention sink"), over every head and
-    every real query after the first. max_activation: the largest |value| in the residual stream after the block.
+    first_token: mean attention probability on the first token (the "attention sink"), over the (query, head)
+    pairs that may attend to it: every real query after the first for a global head, and for an intra head only
+    the queries of token 0's modality (an intra head's image query cannot see a text token 0, and counting its
+    0 would make the sink look smaller than it is). uniform_baseline: the same mean if every head attended
+    uniformly over the keys its mask allows, 1 / (allowed keys), the level a model with no sink sits near.
+    max_activation: the largest |value| in the residual stream after the block.
     """
     model.eval()
     with math_backend(model):
         out = model(batch, return_details=True)
-    real = real_tokens(batch).clone()
-    real[:, 0] = False                                           # query 0 can only attend to itself
-    first = [d.attn_probs[..., 0].permute(1, 0, 2)[:, real].mean().item() for d in out.details]
-    peak = [h[real_tokens(batch)].abs().max().item() for h in out.hidden_states[1:]]
-    return {"first_token": np.array(first), "max_activation": np.array(peak)}
+    real = real_tokens(batch)                                     # [B, S]
+    modality = batch["modality"]
+    later = real.clone()
+    later[:, 0] = False                                           # query 0 can only attend to itself
+    same_as_first = modality == modality[:, :1]                   # [B, S]: may an intra query see token 0?
+    # Keys an intra head's query i may attend to: earlier real tokens of its own modality (itself included).
+    same = (modality[:, :, None] == modality[:, None, :]) & real[:, None, :]            # [B, S, S]
+    intra_keys = (same & torch.ones_like(same).tril()).sum(-1)                          # [B, S]
+    all_keys = torch.arange(1, real.shape[1] + 1).expand_as(real)                       # [B, S]: i + 1
+    first, baseline = [], []
+    for block, d in zip(model.blocks, out.details):
+        heads = d.attn_probs.shape[1]
+        intra = torch.arange(heads) < getattr(block.attn, "num_intra_heads", 0)         # [H]
+        pairs = later[:, None, :] & (~intra[None, :, None] | same_as_first[:, None, :])  # [B, H, S]
+        keys = torch.where(intra[None, :, None], intra_keys[:, None, :], all_keys[:, None, :])
+        first.append(d.attn_probs[..., 0][pairs].mean().item())
+        baseline.append((1 / keys.float())[pairs].mean().item())
+    peak = [h[real].abs().max().item() for h in out.hidden_states[1:]]
+    return {"first_token": np.array(first), "uniform_baseline": np.array(baseline), "max_activation": np.array(peak)}
 
 
 def probe_batch(split: str = "validation", size: int = 64) -> dict:

@@ -131,17 +131,21 @@ def gates_over_training_figure(gate_history: list[dict], title: str = "") -> plt
                       if any(stream in layer for layer in h["gates"]) else np.nan for h in gate_history]
             if not np.all(np.isnan(values)):
                 ax.plot(steps, values, style, color=STREAM_COLOURS[stream], label=f"{stream} gate, {modality} tokens")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("mean gate")
-    ax.set_ylim(0, 1)
+    ax.set(xlabel="training step", ylabel="mean gate", ylim=(0, 1), title=title)
     ax.legend(fontsize=8)
-    ax.set_title(title)
     return fig
 
 
 def _mean_std(values):
+    """Mean and SAMPLE standard deviation (ddof=1, as the tables use) over the first axis (the seeds)."""
     arr = np.array(values, dtype=float)
-    return np.nanmean(arr, axis=0), (np.nanstd(arr, axis=0) if len(arr) > 1 else np.zeros(arr.shape[1:]))
+    return np.nanmean(arr, axis=0), (np.nanstd(arr, axis=0, ddof=1) if len(arr) > 1 else np.zeros(arr.shape[1:]))
+
+
+def _bounded(mean, std, bounds):
+    """matplotlib's yerr [2, n]: ± std, cut at the quantity's (low, high) bounds (a share cannot pass 1.0)."""
+    mean, std, (low, high) = np.atleast_1d(mean), np.atleast_1d(std), bounds or (-np.inf, np.inf)
+    return np.stack([np.minimum(std, mean - low), np.minimum(std, high - mean)]).clip(min=0)
 
 
 def latte_summary_data(probes_by_model: dict[str, list[dict]]) -> dict:
@@ -181,7 +185,7 @@ def latte_summary_figure(probes_by_model: dict[str, list[dict]]) -> plt.Figure:
             errs.append(std)
             labels.append(f"{model}\n{stream}")
             colours.append(MODEL_COLOURS.get(model, "k"))
-    left.bar(range(len(bars)), bars, yerr=errs, color=colours, capsize=3)
+    left.bar(range(len(bars)), bars, yerr=_bounded(bars, errs, (0, 1)), color=colours, capsize=3)
     left.set_xticks(range(len(bars)), labels, fontsize=8)
     left.set_ylabel("text queries' attention on image keys")
     left.set_title("what mixes: cross-modal attention per stream")
@@ -200,24 +204,25 @@ def latte_summary_figure(probes_by_model: dict[str, list[dict]]) -> plt.Figure:
     right.set_ylabel("relative change of text tokens when the\nimage changes, |h' - h| / |h| (> 1: moved\nby more than its own length)")
     right.set_title("what stays pure: contamination of text tokens")
     right.legend(fontsize=7, ncol=2)
-    fig.suptitle("The latte, measured (mean ± std over seeds)")
+    fig.suptitle("The latte, measured (mean ± sample std over seeds)")
     return fig
 
 
 def seeds_errorbar_figure(values_by_model: dict[str, list], x, xlabel: str, ylabel: str, title: str,
-                          dodge: float = 0.0) -> plt.Figure:
+                          dodge: float = 0.0, bounds=None) -> plt.Figure:
     """Lines with error bars over seeds: values_by_model[model] is a list (seeds) of arrays over x.
 
     dodge shifts each model's points sideways by that much (in x units), so lines that coincide (three models
-    all at 0.0) stay visible side by side; each model also gets its own marker.
+    all at 0.0) stay visible side by side; each model also gets its own marker. Bars are ± the sample std over
+    seeds, cut at `bounds` (low, high) when the quantity has them.
     """
-    fig, ax = plt.subplots(figsize=(6, 3.8), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(7.5, 3.8), constrained_layout=True)
     markers = "osD^v"
     for i, (model, per_seed) in enumerate(values_by_model.items()):
         mean, std = _mean_std(per_seed)
         shift = dodge * (i - (len(values_by_model) - 1) / 2)
-        ax.errorbar(np.asarray(x, dtype=float) + shift, mean, yerr=std, marker=markers[i % len(markers)], capsize=3,
-                    alpha=0.85, color=MODEL_COLOURS.get(model, "k"), label=model)
+        ax.errorbar(np.asarray(x, dtype=float) + shift, mean, yerr=_bounded(mean, std, bounds), capsize=3,
+                    marker=markers[i % len(markers)], alpha=0.85, color=MODEL_COLOURS.get(model, "k"), label=model)
     ax.set_xlabel(xlabel)
     ax.set_xticks(list(x))
     ax.set_ylabel(ylabel)
@@ -227,19 +232,26 @@ def seeds_errorbar_figure(values_by_model: dict[str, list], x, xlabel: str, ylab
 
 
 def sinks_figure(sinks_by_model: dict[str, list[dict]]) -> plt.Figure:
-    """First-token attention fraction per layer, mean ± std over seeds."""
+    """First-token attention fraction per layer, mean ± sample std over seeds; dotted, in each model's colour,
+    what uniform attention over the allowed keys gives (probes.attention_sinks): a model without a sink sits near it."""
     values = {m: [s["first_token"] for s in seeds] for m, seeds in sinks_by_model.items()}
-    n_layers = len(next(iter(values.values()))[0])
-    return seeds_errorbar_figure(values, np.arange(n_layers), "layer", "attention on the first token",
-                                 "Attention sinks")
+    layers = np.arange(len(next(iter(values.values()))[0]))
+    fig = seeds_errorbar_figure(values, layers, "layer", "attention on the first token\n(pairs that may attend to it)",
+                                "Attention sinks (mean ± sample std over seeds)", dodge=0.05, bounds=(0, 1))
+    for model, seeds in sinks_by_model.items():
+        fig.axes[0].plot(layers, np.mean([s["uniform_baseline"] for s in seeds], axis=0), ":",
+                         color=MODEL_COLOURS.get(model, "k"), label=f"{model}: uniform attention")
+    fig.axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))          # beside: hides no data
+    return fig
 
 
 def dilution_figure(runs: dict[str, list[dict]], kind: str = "blank") -> plt.Figure:
-    """Text-only accuracy against inserted image tokens, from compare's metrics (mean ± std over seeds)."""
+    """Text-only accuracy against inserted image tokens, from compare's metrics (mean ± sample std over seeds)."""
     counts = sorted(int(n) for n in next(iter(runs.values()))[0]["dilution"][kind])
     values = {m: [[r["dilution"][kind][str(n)] for n in counts] for r in results] for m, results in runs.items()}
     return seeds_errorbar_figure(values, counts, f"{kind} image tokens inserted", "text-only exact match",
-                                 f"Dilution: text-only task with {kind} image tokens", dodge=0.02 * max(counts))
+                                 f"Dilution: text-only task with {kind} image tokens", dodge=0.02 * max(counts),
+                                 bounds=(0, 1))
 
 
 def dilution_curves_figure(curves: dict, counts, max_train: int) -> plt.Figure:
@@ -257,7 +269,7 @@ def dilution_curves_figure(curves: dict, counts, max_train: int) -> plt.Figure:
             for i, (model, per_seed) in enumerate(curves[(mix, kind)].items()):
                 mean, std = _mean_std(per_seed)
                 shift = 1 + 0.04 * (i - 1)          # models side by side, so overlapping lines stay visible
-                ax.errorbar(np.array(counts) * shift, mean, yerr=std, marker="o", capsize=3, alpha=0.85,
+                ax.errorbar(np.array(counts) * shift, mean, yerr=_bounded(mean, std, (0, 1)), marker="o", capsize=3, alpha=0.85,
                             color=MODEL_COLOURS.get(model, "k"), label=model)
             if mix != "text only":
                 ax.axvspan(0, max_train, color="0.9", zorder=0, label=f"trained with 0..{max_train}")
@@ -268,17 +280,18 @@ def dilution_curves_figure(curves: dict, counts, max_train: int) -> plt.Figure:
             ax.set_ylabel("text-only exact match")
             ax.set_title(f"trained on: {mix}")
             ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle("Dilution: text-only accuracy with irrelevant image tokens (mean ± std over seeds)")
+    fig.suptitle("Dilution: text-only accuracy with irrelevant image tokens (mean ± sample std over seeds)")
     return fig
 
 
 def ablation_figure(values: dict[str, list[float]], label: str, title: str) -> plt.Figure:
-    """Horizontal bars, one per variant: mean ± std over seeds, with the per-seed values as dots."""
+    """Horizontal bars, one per variant: the mean over seeds, ± the sample std (cut at 0 and 1), with the
+    per-seed values as dots."""
     names = list(values)
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2), constrained_layout=True)
     means = [np.mean(values[n]) for n in names]
-    stds = [np.std(values[n]) for n in names]
-    ax.barh(range(len(names)), means, xerr=stds, color=[MODEL_COLOURS["sigma"] if n == "sigma" else "0.6"
+    stds = [np.std(values[n], ddof=1) if len(values[n]) > 1 else 0.0 for n in names]
+    ax.barh(range(len(names)), means, xerr=_bounded(means, stds, (0, 1)), color=[MODEL_COLOURS["sigma"] if n == "sigma" else "0.6"
                                                           for n in names], capsize=3, alpha=0.7)
     for i, n in enumerate(names):
         ax.plot(values[n], [i] * len(values[n]), "k.", markersize=5)
@@ -303,15 +316,9 @@ def text_gates_figure(histories: dict[str, list[dict]], title: str) -> plt.Figur
             length = min(len(c) for c in curves)
             ax.plot(steps[:length], np.mean([c[:length] for c in curves], axis=0), style,
                     color=MODEL_COLOURS.get(model, "k"), label=f"{model}: {name}")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("global gate on text tokens")
-    ax.set_title(title)
+    ax.set(xlabel="training step", ylabel="global gate on text tokens", title=title)
     ax.legend(fontsize=7, ncol=2)
     return fig
-
-
-if __name__ == "__main__":
-    head_masks_figure(M.layout("T3 I6 T4"), 8, 4).savefig(sys.argv[1] if len(sys.argv) > 1 else "head_masks.png")
 
 
 # The benchmark's rows drawn, by their stable keys (lab/bench.py's ROWS), and their colours.
@@ -387,3 +394,7 @@ def sink_phi_figure(phi: dict, tau: float, hidden_size: int, title: str):
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"{title} (dashed: tau = {tau:.1f}; sqrt(D) = {hidden_size ** 0.5:.0f})", fontsize=10)
     return fig
+
+
+if __name__ == "__main__":
+    head_masks_figure(M.layout("T3 I6 T4"), 8, 4).savefig(sys.argv[1] if len(sys.argv) > 1 else "head_masks.png")

@@ -139,7 +139,7 @@ def test_modules_stay_readable_in_one_sitting(path):
 
 def test_import_sigma_ref_is_light():
     code = ("import sys, sigma_ref as sr; heavy = [m for m in ('matplotlib', 'ipywidgets', 'IPython', "
-            "'sigma_ref.train', 'sigma_ref.viz') if m in sys.modules]; print(heavy); "
+            "'sigma_ref.train', 'sigma_ref.viz', 'sigma_ref.hf', 'transformers') if m in sys.modules]; print(heavy); "
             "assert not heavy; sr.viz; assert 'matplotlib' in sys.modules; assert sr.TinyMLLM.__name__ == 'TinyMLLM'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

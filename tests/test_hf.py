@@ -184,6 +184,42 @@ def test_fp32_kernels_agree_and_bf16_autocast_runs():
     torch.testing.assert_close(low.float()[real], outputs["sdpa"][real], rtol=0, atol=0.1)
 
 
+@settings(max_examples=10)
+@given(layout=modality_rows(max_batch=3, max_len=16), lengths=st.lists(st.integers(1, 16), min_size=3, max_size=3))
+def test_the_packed_intra_stream_equals_the_masked_one(layout, lengths):
+    """With sdpa and no cache, the intra stream runs sigma_ref's packed kernel (no [S, S] mask); eager always
+    uses the mask. Values and gradients agree on random layouts with right padding."""
+    batch, length = layout.shape
+    mask = (torch.arange(length)[None] < torch.tensor(lengths[:batch]).clamp(max=length)[:, None]).long()
+    ids = torch.randint(8, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
+    results = []
+    for attn in ("sdpa", "eager"):
+        model = randomize_gates(sigmafy(tiny_decoder(attn=attn), num_intra_heads=2)).train()
+        logits = model(ids, attention_mask=mask, modality_ids=layout).logits
+        (logits * mask[..., None]).sum().backward()
+        results.append((logits[mask.bool()], {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (packed, packed_grads), (masked, masked_grads) = results
+    torch.testing.assert_close(packed, masked, rtol=0, atol=1e-5)
+    for name, grad in masked_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_packing_applies_only_where_it_is_exact():
+    from sigma_ref.hf import convert
+
+    model = sigmafy(tiny_decoder(attn="sdpa"), image_token_id=IMAGE_ID)
+    config = model.model.config
+    every = torch.zeros(2, 6, dtype=torch.long)
+    right = torch.tensor([[1, 1, 1, 1, 1, 0], [1] * 6])
+    assert convert._packed_layout(config, every, 0, right, None) is not None
+    assert convert._packed_layout(config, every, 0, None, None) is not None
+    assert convert._packed_layout(config, every, 0, right.flip(1), None) is None          # left padding
+    assert convert._packed_layout(config, every, 3, right, None) is None                  # a cache
+    assert convert._packed_layout(config, every, 0, None, torch.arange(6)[None]) is None  # packed sequences
+    model.set_attn_implementation("eager")
+    assert convert._packed_layout(config, every, 0, right, None) is None
+
+
 def test_switching_the_models_kernel_keeps_sigma():
     model = randomize_gates(sigmafy(tiny_decoder(attn="sdpa"), image_token_id=IMAGE_ID))
     ids, mask = right_padded()

@@ -78,7 +78,26 @@ def test_uniform_attention_gives_the_known_sink_fraction():
     expected = np.mean([1 / (i + 1) for i in range(1, n)])
     sinks = probes.attention_sinks(m, batch)
     assert math.isclose(sinks["first_token"][0], expected, rel_tol=1e-5)
+    assert math.isclose(sinks["uniform_baseline"][0], expected, rel_tol=1e-5)
     assert sinks["max_activation"][0] > 0
+
+
+def test_the_sink_measure_counts_only_pairs_that_can_see_the_first_token():
+    """SIGMA with q = 0 attends uniformly over what each head's mask allows: the measure equals its uniform
+    baseline, and an intra head's image queries (which cannot see the text token 0) are left out: counting
+    them as 0 would give less."""
+    m = model("sigma", layers=1)
+    with torch.no_grad():
+        m.blocks[0].attn.q_proj.weight.zero_()
+    batch = D.collate([D.encode(s) for s in D.load_split("test")[:3]])
+    sinks = probes.attention_sinks(m, batch)
+    assert math.isclose(sinks["first_token"][0], sinks["uniform_baseline"][0], rel_tol=1e-5)
+    with probes.math_backend(m):
+        probs = m(batch, return_details=True).details[0].attn_probs[..., 0]           # [B, H, S]
+    real = probes.real_tokens(batch).clone()
+    real[:, 0] = False
+    every_pair = probs.permute(1, 0, 2)[:, real].mean().item()                         # the old, diluted count
+    assert every_pair < sinks["first_token"][0] - 0.01
 
 
 def test_token_gates_and_word_classes():

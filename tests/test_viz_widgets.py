@@ -26,11 +26,17 @@ def test_latte_summary_data_means_and_stds_over_seeds():
                   probe(0.0, 0.6, {"intra": [0, 0.4], "global": [1, 1], "residual": [0.5, 0.9]})],
         "standard": [probe(None, 0.5, {"intra": nan, "global": [1, 2], "residual": [1, 1]})]})
     assert data["sigma"]["mass"]["intra"] == (0.0, 0.0)
-    assert data["sigma"]["mass"]["global"] == pytest.approx((0.5, 0.1))
+    assert data["sigma"]["mass"]["global"] == pytest.approx((0.5, 0.02 ** 0.5))        # the SAMPLE std of 0.4, 0.6
     np.testing.assert_allclose(data["sigma"]["contamination"]["intra"][0], [0, 0.3])
     assert "intra" not in data["standard"]["mass"] and "intra" not in data["standard"]["contamination"]
     fig = viz.latte_summary_figure({"sigma": [probe(0.0, 0.4, {"intra": [0, 0.2], "global": [1, 1], "residual": [0.5, 0.7]})]})
     assert len(fig.axes) == 2
+
+
+def test_error_bars_stop_at_the_bounds_of_a_share():
+    np.testing.assert_allclose(viz._bounded([0.95, 0.5, 0.02], [0.1, 0.1, 0.1], (0, 1)),
+                               [[0.1, 0.1, 0.02], [0.05, 0.1, 0.1]])
+    np.testing.assert_allclose(viz._bounded([2.0], [0.5], None), [[0.5], [0.5]])
 
 
 def test_mask_figures_draw_the_masks_they_are_given():

@@ -6,12 +6,15 @@ Kept with the tests, not in the notebooks, so that learner copies do not carry t
 WRONG_ANSWERS = {
     "00_the_latte_problem": [
         """\
-def uniform_image_mass(k, m):
-    return m / k
+def image_share(k, m, delta):
+    return m / (k + m)                                   # the scores' offset ignored
 """,
         """\
-def uniform_image_mass(k, m):
-    return k / (k + m)
+import math
+
+
+def image_share(k, m, delta):
+    return m * math.exp(delta) / (k + m)                 # not renormalised
 """,
     ],
     "01_masks": [
@@ -41,15 +44,18 @@ def unaffected_text_positions(spec):
     ],
     "03_gates": [
         """\
-def bias_for_gate(p):
-    return p
+import math
+
+
+def global_bias_for_share(r, intra_bias):
+    return math.log(r / (1 - r))                         # the intra gate ignored
 """,
         """\
 import math
 
 
-def bias_for_gate(p):
-    return math.log(p)
+def global_bias_for_share(r, intra_bias):
+    return math.log(r / (1 - r)) + intra_bias            # logits added as if the gates were linear
 """,
     ],
     "04_the_sigma_layer": [

@@ -16,9 +16,14 @@ the model's mask. The model's own forward is untouched. Two forward pre-hooks ca
 
     on the language model   the modality of every token (from `input_ids == image_token_id`, or the
                             `modality_ids=` keyword), kept on the cache for the tokens it holds, and the intra
-                            mask, built by transformers' own mask builders with sigma_ref's `intra_mask_mod` as
-                            an extra condition (so it has the format the kernel wants, padding included);
+                            mask in the kernel's own format: the model's mask (causal, padding, window) AND same
+                            modality (`_intra_mask`);
     on each attention layer its input x, for the gates.
+
+PACKING. Where it is exact and the model's kernel is sdpa (no cache, right padding only: training and the
+prefill of generation), the intra heads skip the mask: causal attention within each modality is causal attention
+over that modality's tokens gathered in order, which sigma_ref's packed kernel computes (notebook 05), with no
+[S, S] mask and fewer pairs than causal attention. The tests hold both routes to the same values and gradients.
 
 KEY/VALUE GROUPS. With grouped-query attention, H query heads share H_kv key/value heads in groups of
 H / H_kv. The split falls on a group boundary (h a multiple of H / H_kv), so every K/V head serves one stream
@@ -41,6 +46,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .. import kernels
 from ..attention import DEFAULT_BIAS_INIT, StreamGates, _check_bias_init
 from ..checks import check_bool, check_int
 from ..masks import intra_mask_mod, validate_modality_ids
@@ -72,11 +78,13 @@ class SigmaGates(StreamGates, nn.Module):
 
 @dataclass
 class Plan:
-    """What every layer of one forward shares: the modality of the new tokens [B, Q] and the intra masks
-    (in the kernel's format), keyed by whether the layer uses a sliding window."""
+    """What every layer of one forward shares: the modality of the new tokens [B, Q], the intra masks (in the
+    kernel's format) keyed by whether the layer uses a sliding window, and, where the intra stream can be
+    computed by packing (below), the layout of the sequence for sigma_ref's packed kernel."""
 
     modality_ids: torch.Tensor
     intra_masks: dict
+    packed_layout: kernels.GroupLayout | None = None
 
 
 class _SigmaView:
@@ -113,9 +121,20 @@ def sigma_attention(module, query, key, value, attention_mask, sigma_plan=None, 
         else ALL_ATTENTION_FUNCTIONS[base]
     gates: SigmaGates = module.sigma
     h, heads = gates.num_intra_heads, query.shape[1]
-    h_kv = h // module.num_key_value_groups                        # the split falls on a K/V group boundary
+    group = module.num_key_value_groups
+    h_kv = h // group                                              # the split falls on a K/V group boundary
     parts = []
-    if h:
+    if h and _packable(module, base, gates, sigma_plan, query, kwargs):
+        # Causal attention within each modality = causal attention over each modality's tokens gathered in
+        # order: sigma_ref's packed kernel (notebook 05), exact, with no [S, S] mask. [B, h, S, d] -> [B, S, h, d]
+        # Under autocast the projections and the rotary positions can leave q, k and v in different dtypes;
+        # sdpa casts them itself, the packed kernel takes one: the lowest of them, as autocast would.
+        dtype = min((query.dtype, key.dtype, value.dtype), key=lambda t: torch.finfo(t).bits)
+        k, v = (t[:, :h_kv].repeat_interleave(group, 1).to(dtype) for t in (key, value))
+        out, _ = kernels.grouped_causal_attention(query[:, :h].to(dtype), k, v, sigma_plan.packed_layout,
+                                                  backend="packed")
+        parts.append((out.transpose(1, 2), None))
+    elif h:
         parts.append(kernel(module, query[:, :h], key[:, :h_kv], value[:, :h_kv],
                             sigma_plan.intra_masks[gates.sliding], **kwargs))
     if h < heads:
@@ -127,6 +146,16 @@ def sigma_attention(module, query, key, value, attention_mask, sigma_plan=None, 
     if g is not None:
         out = (out.flatten(2) * g.to(out.dtype)).view_as(out)
     return out, extra
+
+
+def _packable(module, base: str, gates, plan: Plan, query, kwargs) -> bool:
+    """May this call compute the intra stream by packing? For sdpa, on a full-attention layer, when the whole
+    sequence is new (no cache), padding is on the right only, and the softmax is the plain one (the default
+    scale, no dropout); otherwise the intra mask is used."""
+    scaling = kwargs.get("scaling")
+    return (base == "sdpa" and plan.packed_layout is not None and not gates.sliding
+            and (scaling is None or abs(scaling - query.shape[-1] ** -0.5) < 1e-12)
+            and not (module.training and getattr(module, "attention_dropout", 0.0)))
 
 
 AttentionInterface.register(KERNEL, sigma_attention)
@@ -267,15 +296,36 @@ def _prepare_forward(lm, args, kwargs):
     if cache is not None:
         cache.sigma_modality = every
 
-    masks = {}
+    masks, layout = {}, None
     if settings["num_intra_heads"]:
+        attention_mask = kwargs.get("attention_mask")
+        layout = _packed_layout(lm.config, every, past, attention_mask, kwargs.get("position_ids"))
         dtype = embeds.dtype if embeds is not None else lm.get_input_embeddings().weight.dtype
         shape_only = torch.empty(batch, q_len, 0, dtype=dtype, device=device)       # the builders read its shape
         for sliding in settings["sliding_kinds"]:
-            masks[sliding] = _intra_mask(lm.config, sliding, shape_only, kwargs.get("attention_mask"), cache,
-                                         kwargs.get("position_ids"), every)
-    kwargs["sigma_plan"] = Plan(ids, masks)
+            if layout is None or sliding:                   # packing covers full-attention layers without a mask
+                masks[sliding] = _intra_mask(lm.config, sliding, shape_only, attention_mask, cache,
+                                             kwargs.get("position_ids"), every)
+    kwargs["sigma_plan"] = Plan(ids, masks, layout)
     return args, kwargs
+
+
+def _packed_layout(config, every, past: int, attention_mask, position_ids) -> kernels.GroupLayout | None:
+    """The sequence's layout for the packed intra stream, or None where packing does not apply: a kernel other
+    than sdpa, cached tokens, a padding mask that is not [B, S] right padding, or several sequences packed into
+    one row (position ids without an attention mask, which transformers reads as packed sequences)."""
+    if config._attn_implementation != "sdpa" or past or (attention_mask is None and position_ids is not None):
+        return None
+    valid = None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            return None
+        valid = attention_mask.bool()
+        if bool((valid[:, 1:] & ~valid[:, :-1]).any()):              # a padding position before a real token
+            return None
+    # Right padding needs no mask: padded positions come after every real token of their group, so causal
+    # attention within the group never lets a real token see them.
+    return kernels.GroupLayout.of(every, every.shape[0], every.shape[1], every.device, valid, name="modality_ids")
 
 
 def _intra_mask(config, sliding: bool, shape_only, attention_mask, cache, position_ids, every):

@@ -279,6 +279,6 @@ def test_learner_copy_stops_at_the_stub_with_its_hint(browser, jupyterlab):
     assert len(errors) == 1 and "NotImplementedError" in errors[0], errors
     outputs = page.eval_on_selector_all(".jp-OutputArea-output", "els => els.map(e => e.innerText.trim())")
     (traceback,) = [o for o in outputs if "NotImplementedError" in o]
-    assert "NotImplementedError: write uniform_image_mass(k, m). Hint:" in traceback
+    assert "NotImplementedError: write image_share(k, m, delta). Hint:" in traceback
     assert "correct" not in outputs
     page.close()

@@ -116,3 +116,12 @@ def test_training_step_table_times_the_gate_floor_beside_every_attention(monkeyp
 def test_a_benchmark_needs_at_least_one_round(repeats):
     with pytest.raises(ValueError, match=r"repeats must be .* at least 1, got"):
         bench.interleaved_times({"noop": lambda: None}, repeats)
+
+
+def test_peak_growth_counts_what_the_measured_code_allocates_and_not_the_setup():
+    # setup's 64 MiB exist before the measurement; the measured code allocates and touches 32 MiB more
+    setup = "kept = torch.ones(16 * 2 ** 20)"
+    grown = bench.cpu_peak_growth_bytes(setup, "extra = torch.ones(8 * 2 ** 20)")
+    idle = bench.cpu_peak_growth_bytes(setup, "pass")
+    assert 32 * 2 ** 20 <= grown < 40 * 2 ** 20
+    assert idle < 4 * 2 ** 20

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +22,7 @@ import torch
 
 from .. import data as D
 from ..checks import check_int
-from ..lab.bench import _MALLOC_ENV
+from ..lab.bench import cpu_peak_growth_bytes
 from . import toy
 from .convert import sigmafy
 
@@ -81,23 +78,6 @@ def time_pair(length: int, repeats: int, device: str) -> dict:
             "time_ratio": medians["sigma"] / medians["original"]}
 
 
-_MEMORY_SCRIPT = """
-import torch
-torch.set_num_threads(1)
-from sigma_ref.hf import bench
-def status_kib(field):  # a field of /proc/self/status, in KiB
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-batch = bench.long_batch({length})
-model = bench.make_model({converted}, "cpu")
-before = status_kib("VmRSS")
-with open("/proc/self/clear_refs", "w") as f:   # reset the peak (VmHWM) to the current resident size
-    f.write("5")
-bench.step(model, batch)
-print((status_kib("VmHWM") - before) / 1024)
-"""
-
-
 def peak_memory(length: int, device: str) -> dict:
     """Peak memory growth (MiB) of one forward + backward: activations, gradients and temporaries; the weights
     and the batch exist before and are not counted. On CPU each model runs in a fresh process, with malloc
@@ -115,10 +95,9 @@ def peak_memory(length: int, device: str) -> dict:
             peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
             del model, batch
             continue
-        script = _MEMORY_SCRIPT.format(length=length, converted=converted)
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                             env={**os.environ, **_MALLOC_ENV})
-        peaks[name] = float(out.stdout.strip().splitlines()[-1])
+        setup = (f"from sigma_ref.hf import bench\nbatch = bench.long_batch({length})\n"
+                 f"model = bench.make_model({converted}, 'cpu')")
+        peaks[name] = cpu_peak_growth_bytes(setup, "bench.step(model, batch)") / 2 ** 20
     return {"peak_mib": peaks, "memory_ratio": peaks["sigma"] / peaks["original"],
             "measure": "growth of torch.cuda.max_memory_allocated" if device == "cuda"
             else "growth of the peak resident set (VmHWM)"}

@@ -74,7 +74,7 @@ def finetune(model, out_dir, steps: int = 600, batch_size: int = 16, learning_ra
         ddp_backend=None if torch.cuda.is_available() else ("gloo" if world > 1 else None))
     log = LossLog(eval_every)
     trainer = Trainer(model=model, args=args, train_dataset=toy.ToyCaptions(size=train_size, seed=seed),
-                      data_collator=lambda rows: toy.collate(rows), callbacks=[log])
+                      data_collator=toy.collate, callbacks=[log])
     trainer.train()
     return trainer, log
 

@@ -267,26 +267,35 @@ def timing_table(sizes, device, dtype, repeats, progress=True) -> Table:
     return table
 
 
-_MEMORY_SCRIPT = """
-import torch
-torch.set_num_threads({threads})
-from sigma_ref.lab import bench
-def status_kib(field):  # a field of /proc/self/status, in KiB
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-fn = bench.case({key!r}, {n}, torch.device("cpu"), torch.float32, True)   # inputs (and module) exist now
-before = status_kib("VmRSS")
-with open("/proc/self/clear_refs", "w") as f:   # reset the peak (VmHWM) to the current resident size
-    f.write("5")
-fn()
-print((status_kib("VmHWM") - before) * 1024)
-"""
-
 # glibc's malloc serves big blocks with mmap and returns them on free, but raises that threshold after the first
 # big free (up to 32 MiB), after which blocks come from a heap whose freed memory stays resident and is reused:
 # the resident size then depends on what ran before. A fixed threshold turns that off, so every tensor of 64 KiB
 # or more is mapped when allocated and unmapped when freed, and the peak resident size follows the live tensors.
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+_PEAK_SCRIPT = """
+import torch
+torch.set_num_threads({threads})
+def status_kib(field):  # a field of /proc/self/status, in KiB
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+{setup}
+before = status_kib("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:   # reset the peak (VmHWM) to the current resident size
+    f.write("5")
+{measured}
+print((status_kib("VmHWM") - before) * 1024)
+"""
+
+
+def cpu_peak_growth_bytes(setup: str, measured: str, threads: int = 1) -> int:
+    """How far the peak resident size (VmHWM) rises above the resident size while `measured` runs, in a fresh
+    Python process that first runs `setup` (so what setup builds, inputs and weights, is not counted). Both
+    are Python source; the process uses `threads` torch threads and the malloc settings above (Linux only)."""
+    script = _PEAK_SCRIPT.format(threads=threads, setup=setup, measured=measured)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, **_MALLOC_ENV})
+    return int(out.stdout.strip().splitlines()[-1])
 
 
 def peak_memory_bytes(key: str, n: int, device, repeats: int = 3) -> int:
@@ -301,10 +310,9 @@ def peak_memory_bytes(key: str, n: int, device, repeats: int = 3) -> int:
         run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    script = _MEMORY_SCRIPT.format(threads=torch.get_num_threads(), key=key, n=n)
-    env = {**os.environ, **_MALLOC_ENV}
-    runs = [int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                               env=env).stdout.strip().splitlines()[-1]) for _ in range(repeats)]
+    setup = ("from sigma_ref.lab import bench\n"          # the inputs (and the module) exist after setup
+             f"fn = bench.case({key!r}, {n}, torch.device('cpu'), torch.float32, True)")
+    runs = [cpu_peak_growth_bytes(setup, "fn()", torch.get_num_threads()) for _ in range(repeats)]
     return int(statistics.median(runs))
 
 

@@ -48,7 +48,7 @@ __version__ = "0.2.0"
 
 # The core's heavier modules, and the lab's and teaching's under the short names the notebooks use
 # (`sr.experiments` is sigma_ref.lab.experiments), each imported on first use.
-_LAZY_MODULES = {name: name for name in ("moda", "var", "model", "data", "evaluate", "probes", "optim", "train",
+_LAZY_MODULES = {name: name for name in ("moda", "var", "model", "data", "evaluate", "probes", "optim", "train", "stats",
                                          "viz", "widgets", "runtime", "lab", "teaching", "testing")}
 _LAZY_MODULES.update({name: f"lab.{name}" for name in ("experiments", "bench", "lower_bounds", "speedrun",
                                                        "dilution", "gpucheck", "var_study")})

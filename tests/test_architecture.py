@@ -17,7 +17,7 @@ PACKAGE = ROOT / "sigma_ref"
 # imports; the order is the package map in sigma_ref/__init__.py.
 FLOORS = [
     ["checks", "testing.doubles"],
-    ["runtime"],
+    ["runtime", "stats"],
     ["masks", "testing"],
     ["kernels.layout"],
     ["kernels.reference", "kernels.packed", "kernels.flex", "kernels.flash", "kernels.gate"],

@@ -18,7 +18,7 @@ PRESETS = tuple(train.PRESETS)
 
 
 def _bench(args) -> None:
-    if args.time_to_accuracy or args.speedrun_log or args.threads:
+    if args.time_to_accuracy or args.speedrun_log or args.threads or args.stopping_rules:
         _speedrun(args)
         return
     results = bench.run(sizes=args.sizes, repeats=args.repeats, memory=not args.no_memory,
@@ -36,9 +36,13 @@ def _speedrun(args) -> None:
         tables.append(speedrun.thread_table())
         print(tables[-1].markdown() + "\n", flush=True)
     if args.time_to_accuracy:
-        table, runs["time_to_accuracy"] = speedrun.time_to_accuracy_table(seeds=args.seeds)
+        table, runs["time_to_accuracy"] = speedrun.time_to_accuracy_table(seeds=args.seeds, first_seed=args.first_seed)
         tables.append(table)
         print(table.markdown() + "\n", flush=True)
+    if args.stopping_rules:
+        runs["check_curves"] = speedrun.check_curves(range(args.first_seed, args.first_seed + args.seeds))
+        tables.append(speedrun.stopping_rule_table(runs["check_curves"]))
+        print(tables[-1].markdown() + "\n", flush=True)
     if args.speedrun_log:
         table, runs["speedrun_log"] = speedrun.speedrun_log_table(seeds=args.seeds)
         tables.append(table)
@@ -127,7 +131,9 @@ def _demo(args) -> None:
 
 def _release(args) -> None:
     written = course.release(args.out, args.notebooks)
-    print(f"wrote {len(written)} learner copies (exercise stubs, no solutions, no outputs) to {args.out}")
+    print(f"{args.out} is an nbgrader course directory: the instructor's notebooks in {args.out}/source/"
+          f"{course.ASSIGNMENT}/, {len(written)} learner copies (exercise stubs, no solutions, no outputs) in "
+          f"{written[0].parent}/; grade collected submissions with `nbgrader autograde {course.ASSIGNMENT}` there")
 
 
 def _book(args) -> None:
@@ -164,7 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: the speedrun log, each recipe change timed to 95%% against the one before")
     p.add_argument("--threads", action="store_true",
                    help="instead: a training step with 1 and 2 threads, the other core idle and busy")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of --time-to-accuracy and --speedrun-log")
+    p.add_argument("--stopping-rules", action="store_true",
+                   help="instead: the stopping-rule study, whole runs checked every 25 steps and rules replayed")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="how many seeds --time-to-accuracy, --stopping-rules and --speedrun-log train")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first seed of --time-to-accuracy and --stopping-rules (default 0): --seeds 10 "
+                        "--first-seed 10 trains seeds 10-19")
     p.set_defaults(run=_bench)
 
     p = commands.add_parser("train", help="train one tiny MLLM and write DIR/metrics.json")
@@ -230,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["masks", "kernels"])
     p.set_defaults(run=_demo)
 
-    p = commands.add_parser("release", help="learner copies of the notebooks: exercise stubs, solutions removed")
-    p.add_argument("--out", required=True, help="output directory")
+    p = commands.add_parser("release", help="an nbgrader course directory: the instructor's notebooks and the "
+                                            "learner copies (exercise stubs, solutions removed)")
+    p.add_argument("--out", required=True, help="the course directory (nbgrader_config.py, source/, release/)")
     p.add_argument("--notebooks", default=None, help="the course's notebooks (default: notebooks/ of this checkout)")
     p.set_defaults(run=_release)
 

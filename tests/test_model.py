@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import json
 import math
@@ -239,6 +240,34 @@ def test_training_stops_at_the_target_and_records_when(tmp_path):
     assert resumed.step == 6
 
 
+def test_curves_start_at_initialisation_and_a_resume_does_not_record_it_again(tmp_path):
+    from sigma_ref.probes import gate_means
+    recipe = dataclasses.replace(TINY, eval_every=5)
+    trainer = T.Trainer("sigma", recipe, seed=0, out_dir=tmp_path, device="cpu")
+    untrained = copy.deepcopy(trainer.model)
+    trainer.run(stop_at=5, progress=False)
+    assert [h["step"] for h in trainer.gate_history] == [0, 5] and trainer.validation_curve[0][0] == 0
+    batch = D.collate([D.encode(s) for s in D.load_split("validation")[:32]])
+    assert trainer.gate_history[0]["gates"] == gate_means(untrained, batch)
+    resumed = T.Trainer("sigma", recipe, seed=0, out_dir=tmp_path, device="cpu")
+    resumed.load(tmp_path / "checkpoint.pt")
+    resumed.run(stop_at=10, progress=False)
+    assert [h["step"] for h in resumed.gate_history] == [0, 5, 10]
+
+
+def test_training_stops_only_after_target_checks_in_a_row(tmp_path, monkeypatch):
+    """With target_checks=2 a check at the target is not enough: the next one must be there too; a check below
+    it starts the count again."""
+    readings = iter([0.9, 0.5, 0.9, 0.95, 0.2])
+    monkeypatch.setattr(T, "evaluate", lambda model, scenes: {"exact_match": next(readings)})
+    recipe = dataclasses.replace(TINY, steps=50, target_exact_match=0.9, target_every=2, target_samples=4,
+                                 target_checks=2)
+    trainer = T.Trainer("standard", recipe, seed=0, device="cpu")
+    trainer.run(progress=False)
+    assert [em for _, _, em in trainer.exact_match_curve] == [0.9, 0.5, 0.9, 0.95]
+    assert trainer.step == 8 and trainer.target_reached["exact_match"] == 0.95
+
+
 def test_an_unreachable_target_trains_the_whole_budget_and_checks_at_each_interval():
     recipe = dataclasses.replace(TINY, target_exact_match=1.0, target_every=5, target_samples=4)
     trainer = T.Trainer("standard", recipe, seed=0, device="cpu")
@@ -251,6 +280,7 @@ def test_an_unreachable_target_trains_the_whole_budget_and_checks_at_each_interv
 
 @pytest.mark.parametrize("field, value, expected", [("target_exact_match", 1.5, "between 0 and 1"),
                                                      ("target_every", 0, "int >= 1"),
+                                                     ("target_checks", 0, "int >= 1"),
                                                      ("mlp_ratio", 0, "int >= 1"),
                                                      ("num_layers", 0, "int >= 1"),
                                                      ("optimizer", "sgd", "one of"),

@@ -1,14 +1,20 @@
 """The speedrun: how fast does each model LEARN the task? Time-to-accuracy, the recipe's log, and threads.
 
-    python -m sigma_ref bench --time-to-accuracy     # time to 95% caption exact match, every attention, 3 seeds
+    python -m sigma_ref bench --time-to-accuracy --seeds 10 --first-seed 10   # every attention, seeds 10-19
     python -m sigma_ref bench --speedrun-log         # each recipe change against the one before it (SIGMA)
     python -m sigma_ref bench --threads              # a training step with 1 and 2 threads, other core idle/busy
 
 Time-to-accuracy is the honest speed of a training recipe: a faster step that needs more steps is no faster.
-A run trains with the recipe's own schedule and step budget and stops the first time its validation caption
-exact match (200 scenes, greedy decoding, checked every `target_every` steps) reaches the target; the time is
-training time only (the checks are the measurement, not the training). Runs go two at a time, one thread
-each, as `compare` trains them (runtime.py's thread policy), so the times are what a learner's compare sees.
+A run trains with the recipe's own schedule, step budget and stopping rule: every `target_every` steps the
+validation caption exact match (the recipe's `target_samples` scenes, greedy decoding) is checked, and the run
+stops when `target_checks` checks in a row reach the target. The time to 95% is that rule with a 95% target,
+replayed on the same run's checks (train.first_firing: the model at a check does not depend on when training
+stops); the test caption exact match is read where the recipe itself stopped. Times are training time only (the
+checks are the measurement, not the training). Runs go two at a time, one thread each, as `compare` trains
+them (runtime.py's thread policy), so the times are what a learner's compare sees.
+
+`check_curves` is the study behind the stopping rule: whole runs read every 25 steps on validation AND test, so
+that any rule can be replayed and judged by the test accuracy where it would stop.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from .experiments import ATTENTION_KINDS, default_workers, run_in_workers
 from ..runtime import TRAINING_THREADS, torch_threads
 from ..attention import AttentionConfig
 from ..model import ModelConfig
-from ..train import TrainConfig, Trainer, get_preset
+from ..train import TrainConfig, Trainer, first_firing, get_preset
 
 # The recipe's history, one change at a time; each rung keeps every change above it. The first rung is the
 # `cpu` preset before the speedrun; the last is the `cpu` preset now (tests/test_speedrun.py checks that).
@@ -58,45 +64,57 @@ def ladder_recipes() -> list[tuple[str, TrainConfig]]:
 
 
 def _time_to_target(job: dict) -> dict:
-    """One training to the target in a worker process; its time, step and the model's test metrics."""
+    """One training with the job's recipe (and its stopping rule), in a worker process. Time to `measure` (95%) is
+    the rule replayed with that target on the run's checks; the test metrics are the model's where training
+    stopped."""
     with torch_threads(TRAINING_THREADS):
         trainer = Trainer(job["attention"], job["config"], job["seed"], device="cpu")
         trainer.run(progress=False)
         caption = evaluate(trainer.model, D.load_split("test")[:500])["exact_match"]
         compositional = evaluate(trainer.model, D.load_split("compositional"))["exact_match"]
-    reached = trainer.target_reached
+    reached = first_firing(trainer.exact_match_curve, job["measure"], trainer.config.target_checks)
     return {"attention": job["attention"], "seed": job["seed"], "reached": reached is not None,
-            "seconds": reached["train_seconds"] if reached else trainer.train_seconds,
-            "step": reached["step"] if reached else trainer.step,
+            "step": reached[0] if reached else trainer.step,
+            "seconds": reached[1] if reached else trainer.train_seconds,
+            "stopped_by_rule": trainer.target_reached is not None, "stopped_step": trainer.step,
+            "stopped_seconds": trainer.train_seconds,
             "caption_exact_match": caption, "compositional_exact_match": compositional}
 
 
 def run_to_target(jobs: list[dict], workers: int | None = None, progress: bool = True) -> list[dict]:
-    """Train every job ({"attention", "seed", "config"}) until its target, `workers` at a time. The job order
-    interleaves what is compared, so slow and fast minutes of the machine land on all of them."""
+    """Train every job ({"attention", "seed", "config", "measure"}) to its recipe's stop, `workers` at a time.
+    The job order interleaves what is compared, so slow and fast minutes of the machine land on all of them."""
     return run_in_workers(_time_to_target, jobs, workers, "time to target", progress)
 
 
 def _summary(results: list[dict]) -> list:
     seconds = [r["seconds"] for r in results]
+    caption = [r["caption_exact_match"] for r in results]
     return [statistics.median(seconds), min(seconds), max(seconds),
             f"{sum(r['reached'] for r in results)}/{len(results)}", statistics.median(r["step"] for r in results),
-            statistics.fmean(r["caption_exact_match"] for r in results),
+            statistics.median(r["stopped_seconds"] for r in results), max(r["stopped_seconds"] for r in results),
+            min(caption), statistics.fmean(caption),
             statistics.fmean(r["compositional_exact_match"] for r in results)]
 
 
-COLUMNS = ["median s", "min s", "max s", "reached", "median step", "test caption EM", "compositional EM"]
+COLUMNS = ["median s to 95%", "min s", "max s", "reached", "median step", "median s to stop", "max s to stop",
+           "test caption EM at stop: min", "mean", "compositional EM"]
 
 
 def time_to_accuracy_table(preset: str = "cpu", seeds: int = 3, target: float = 0.95, workers: int | None = None,
-                           progress: bool = True) -> tuple[Table, list[dict]]:
-    """Time to `target` validation caption exact match for each attention, seeds 0..seeds-1, side by side."""
-    config = get_preset(preset).updated(target_exact_match=target)
-    jobs = [{"attention": a, "seed": s, "config": config} for s in range(seeds) for a in ATTENTION_KINDS]
+                           progress: bool = True, first_seed: int = 0) -> tuple[Table, list[dict]]:
+    """Each attention trained with the preset as it is (its stopping rule included), seeds first_seed ..
+    first_seed + seeds - 1, side by side: the time to `target` validation caption exact match (the preset's rule
+    with that target, replayed on the run's checks), the time to the preset's own stop, and the test caption exact
+    match there."""
+    config = get_preset(preset)
+    chosen = range(first_seed, first_seed + seeds)
+    jobs = [{"attention": a, "seed": s, "config": config, "measure": target} for s in chosen for a in ATTENTION_KINDS]
     results = run_to_target(jobs, workers, progress)
-    table = Table(f"Time to {target:.0%} validation caption exact match, preset {preset}, seeds 0-{seeds - 1} "
-                  f"(training seconds; runs {workers or default_workers(len(jobs))} at a time, "
-                  f"{TRAINING_THREADS} thread each)", ["attention"] + COLUMNS)
+    table = Table(f"Time to {target:.0%} validation caption exact match ({config.target_checks} checks in a row, "
+                  f"{config.target_samples} scenes), and to the preset's stop ({config.target_exact_match:.0%}), "
+                  f"preset {preset}, seeds {chosen[0]}-{chosen[-1]} (training seconds; runs "
+                  f"{workers or default_workers(len(jobs))} at a time, {TRAINING_THREADS} thread each)", ["attention"] + COLUMNS)
     for attention in ATTENTION_KINDS:
         table.add(attention, [attention] + _summary([r for r in results if r["attention"] == attention]))
     return table, results
@@ -106,8 +124,9 @@ def speedrun_log_table(seeds: int = 3, target: float = 0.95, attention: str = "s
                        progress: bool = True) -> tuple[Table, list[dict]]:
     """Each rung of LADDER trained to `target` for seeds 0..seeds-1 (SIGMA), all rungs in one run."""
     recipes = ladder_recipes()
-    jobs = [{"attention": attention, "seed": s, "config": recipe.updated(target_exact_match=target, target_every=50),
-             "rung": i}
+    rule = {f: getattr(get_preset("cpu"), f) for f in ("target_every", "target_samples", "target_checks")}
+    jobs = [{"attention": attention, "seed": s, "config": recipe.updated(target_exact_match=target, **rule),
+             "measure": target, "rung": i}
             for s in range(seeds) for i, (_, recipe) in enumerate(recipes)]
     results = run_to_target(jobs, workers, progress)
     for job, result in zip(jobs, results):
@@ -117,6 +136,65 @@ def speedrun_log_table(seeds: int = 3, target: float = 0.95, attention: str = "s
     for i, (change, _) in enumerate(recipes):
         table.add(i, [change] + _summary([r for r in results if r["rung"] == i]))
     return table, results
+
+
+def _check_curve(job: dict) -> dict:
+    """One training over the whole step budget, never stopped, read every `every` steps from `first`: training
+    seconds, how many of the validation scenes [:200] and [200:] are captioned exactly, and the test split's
+    exact match. Any stopping rule can then be replayed on the curve: the model at a step does not depend on
+    when training would have stopped (evaluation draws nothing from the data stream)."""
+    with torch_threads(TRAINING_THREADS):
+        config = job["config"].updated(target_exact_match=None)
+        trainer = Trainer(job["attention"], config, job["seed"], device="cpu")
+        validation, test = D.load_split("validation"), D.load_split("test")
+        checks = []
+        for step in range(job["first"], config.steps + 1, job["every"]):
+            trainer.run(stop_at=step, progress=False)
+            first, rest = (evaluate(trainer.model, part)["exact_match"] for part in (validation[:200], validation[200:]))
+            checks.append({"step": step, "train_seconds": trainer.train_seconds,
+                           "validation_200": first, "validation_300": (200 * first + 100 * rest) / 300,
+                           "test": evaluate(trainer.model, test)["exact_match"]})
+    return {"attention": job["attention"], "seed": job["seed"], "checks": checks}
+
+
+def check_curves(seeds, preset: str = "cpu", every: int = 25, first: int = 100, workers: int | None = None,
+                 progress: bool = True) -> list[dict]:
+    """_check_curve for every attention and seed, `workers` at a time (interleaved by seed)."""
+    config = get_preset(preset)
+    jobs = [{"attention": a, "seed": s, "config": config, "every": every, "first": first}
+            for s in seeds for a in ATTENTION_KINDS]
+    return run_in_workers(_check_curve, jobs, workers, "check curves", progress)
+
+
+# Stopping rules the study compares: (target, validation scenes, check every, checks in a row). The first is the
+# rule the `cpu` preset had before the study; the `cpu` preset's rule now is among them (tests check that).
+STOPPING_RULES = [(0.98, 200, 50, 1), (0.98, 300, 50, 1), (0.98, 200, 25, 1), (0.99, 300, 25, 1),
+                  (0.98, 200, 50, 2), (0.98, 200, 25, 2), (0.97, 300, 25, 2), (0.98, 300, 25, 2), (0.98, 300, 25, 3)]
+
+
+def replay_rule(curve: dict, target: float, scenes: int, every: int, checks: int) -> tuple[dict, bool]:
+    """(the check where the rule stops training, whether the rule fired) on one check curve; without firing,
+    training ends at the last check (the step budget)."""
+    kept = [(c["step"], c["train_seconds"], c[f"validation_{scenes}"]) for c in curve["checks"] if c["step"] % every == 0]
+    fired = first_firing(kept, target, checks)
+    stop = fired[0] if fired else curve["checks"][-1]["step"]
+    return next(c for c in curve["checks"] if c["step"] == stop), fired is not None
+
+
+def stopping_rule_table(curves: list[dict], rules=STOPPING_RULES) -> Table:
+    """Each rule replayed on every curve: how often it fired, the test caption exact match where it stopped (the
+    lowest, and how many runs fell below 95%), and the steps it took."""
+    seeds = sorted({c["seed"] for c in curves})
+    table = Table(f"Stopping rules replayed on {len(curves)} runs (every attention, seeds {seeds[0]}-{seeds[-1]}, "
+                  f"whole step budget, checks every 25 steps): test caption exact match where each rule stops",
+                  ["target", "validation scenes", "check every", "checks in a row", "fired", "lowest test EM",
+                   "runs below 95%", "median step", "max step"])
+    for rule in rules:
+        stops = [replay_rule(curve, *rule) for curve in curves]
+        tests, steps = [c["test"] for c, _ in stops], [c["step"] for c, _ in stops]
+        table.add(list(rule), [*rule, f"{sum(fired for _, fired in stops)}/{len(stops)}", min(tests),
+                               sum(t < 0.95 for t in tests), statistics.median(steps), max(steps)])
+    return table
 
 
 def _busy(seconds: float) -> None:

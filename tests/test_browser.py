@@ -16,6 +16,7 @@ import io
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -87,7 +88,9 @@ def jupyterlab(tmp_path_factory):
     (root / "notebooks").mkdir()
     for path in course.course_notebooks(ROOT / "notebooks"):
         course.write(course.solved(course.read(path)), root / "notebooks" / path.name)
-    course.release(root / "notebooks" / "learner")                   # what a class gets: stubs, no solutions
+    (root / "notebooks" / "learner").mkdir()
+    for path in course.release(root / "handout"):                      # what a class gets: stubs, no solutions
+        shutil.copy(path, root / "notebooks" / "learner" / path.name)
     settings = root / "settings"
     # No news / update prompt, and every cell in the DOM (no virtual scrolling) so the test can read them.
     (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)

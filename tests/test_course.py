@@ -1,5 +1,6 @@
 """sigma_ref.teaching.course on small hand-made notebooks: the exercise tags, solved and learner copies, bad input."""
 
+import json
 import subprocess
 import sys
 
@@ -99,13 +100,70 @@ def test_release_of_a_directory_without_notebooks_is_a_value_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_release_command_writes_learner_copies(tmp_path):
-    (tmp_path / "nb").mkdir()
-    course.write(course_notebook(), tmp_path / "nb" / "00_t.ipynb")
-    done = subprocess.run([sys.executable, "-m", "sigma_ref", "release", "--out", str(tmp_path / "out"),
-                           "--notebooks", str(tmp_path / "nb")], capture_output=True, text=True)
+def graded_notebook():
+    """course_notebook with nbgrader's cell metadata and a kernelspec, as the committed notebooks have them."""
+    nb = course.nbgrader_cell_metadata(course_notebook(), "00")
+    nb["metadata"]["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+def test_nbgrader_metadata_marks_the_exercise_and_solution_as_solutions_and_the_check_as_graded():
+    cells = graded_notebook()["cells"]
+    assert [c["metadata"].get("nbgrader", {}).get("grade_id") for c in cells] == \
+        [None, None, None, "00-exercise-1", "00-solution-1", "00-check-1"]
+    check = cells[5]["metadata"]["nbgrader"]
+    assert check["grade"] and check["locked"] and check["points"] == course.CHECK_POINTS and not check["solution"]
+    assert cells[3]["metadata"]["nbgrader"]["solution"] and not cells[3]["metadata"]["nbgrader"]["locked"]
+
+
+def test_nbgrader_source_holds_the_solution_after_the_stub_between_nbgraders_markers():
+    source = course.nbgrader_source(graded_notebook())
+    assert [c["cell_type"] for c in source["cells"]] == ["markdown", "code", "markdown", "code", "code"]
+    assert source["cells"][3]["source"] == f"{STUB.rstrip()}\n### BEGIN SOLUTION\n{SOLUTION.rstrip()}\n### END SOLUTION\n"
+    namespace = {}
+    exec(source["cells"][3]["source"], namespace)                   # the instructor's Run All passes the check
+    exec(CHECK, namespace)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """`python -m sigma_ref release` on one graded notebook: an nbgrader course directory."""
+    root = tmp_path_factory.mktemp("course")
+    (root / "nb").mkdir()
+    course.write(graded_notebook(), root / "nb" / "00_t.ipynb")
+    done = subprocess.run([sys.executable, "-m", "sigma_ref", "release", "--out", str(root / "out"),
+                           "--notebooks", str(root / "nb")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert course.read(tmp_path / "out" / "00_t.ipynb") == course.learner_copy(course_notebook())
+    return root / "out"
+
+
+def test_release_is_nbgraders_learner_copy_with_the_stub_and_its_hint(released):
+    learner = course.read(released / "release" / course.ASSIGNMENT / "00_t.ipynb")
+    text = json.dumps(learner)
+    assert "return 42" not in text and "BEGIN SOLUTION" not in text        # no solution left anywhere
+    plain = course.learner_copy(graded_notebook())
+    assert [course.source(c).rstrip() for c in learner["cells"]] == [course.source(c).rstrip() for c in plain["cells"]]
+    assert course.tags(learner["cells"][3]) == ["exercise"] and "Hint: 42" in course.source(learner["cells"][3])
+
+
+def test_nbgrader_autograde_gives_full_marks_to_the_solution_and_none_to_the_stub(released):
+    from nbgrader.api import Gradebook
+
+    learner = course.read(released / "release" / course.ASSIGNMENT / "00_t.ipynb")
+    answered = json.loads(json.dumps(learner))
+    answered["cells"][3]["source"] = SOLUTION
+    wrong = json.loads(json.dumps(learner))
+    wrong["cells"][3]["source"] = "def f():\n    return 41\n"
+    for student, nb in (("solved", answered), ("stub", learner), ("wrong", wrong)):
+        folder = released / "submitted" / student / course.ASSIGNMENT
+        folder.mkdir(parents=True)
+        course.write(nb, folder / "00_t.ipynb")
+    course.nbgrader(["autograde", course.ASSIGNMENT, "--force"], released)
+    with Gradebook(f"sqlite:///{released / 'gradebook.db'}") as gradebook:
+        scores = {s: gradebook.find_submission(course.ASSIGNMENT, s).score for s in ("solved", "stub", "wrong")}
+        maximum = gradebook.find_assignment(course.ASSIGNMENT).max_score
+    assert maximum == course.CHECK_POINTS
+    assert scores == {"solved": course.CHECK_POINTS, "stub": 0, "wrong": 0}
 
 
 def test_widget_snapshots_replace_a_displayed_widget_by_what_its_output_widgets_show():

@@ -101,17 +101,30 @@ def test_exercise_check_rejects_the_stub_and_wrong_answers(path, notebook_runs):
     assert outcomes["solution"] == "passed", outcomes["solution"]
 
 
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """The whole course through `release` once (nbgrader's generate_assignment): {file name: learner copy}."""
+    written = course.release(tmp_path_factory.mktemp("course"), NOTEBOOKS[0].parent)
+    return {path.name: course.read(path) for path in written}
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_learner_copy_has_the_stub_and_no_solution(path, tmp_path):
-    nb = course.read(path)
-    (written,) = [p for p in course.release(tmp_path, path.parent) if p.name == path.name]
-    copy = course.read(written)
+def test_learner_copy_has_the_stub_and_no_solution(path, released):
+    nb, copy = course.read(path), released[path.name]
     assert not [c for c in copy["cells"] if course.SOLUTION in course.tags(c)]
     assert [s for _, s, _ in course.exercise_cells(copy)] == [None]   # exercise, then directly its check
     stub = [c for c in copy["cells"] if course.EXERCISE in course.tags(c)]
-    assert [course.source(c) for c in stub] == course.stubs(nb)
+    assert [course.source(c).rstrip() for c in stub] == [s.rstrip() for s in course.stubs(nb)]
     for solution in course.solutions(nb):
         assert solution.strip() not in json.dumps(copy), "the solution's code leaked into the learner copy"
-    # everything else is the notebook as committed
+    # everything else is the notebook as committed, and every check is an autograded nbgrader cell
     kept = [c for c in nb["cells"] if course.SOLUTION not in course.tags(c)]
-    assert [course.source(c) for c in kept] == [course.source(c) for c in copy["cells"]]
+    assert [course.source(c).rstrip() for c in kept] == [course.source(c).rstrip() for c in copy["cells"]]
+    checks = [c["metadata"]["nbgrader"] for c in copy["cells"] if course.CHECK in course.tags(c)]
+    assert checks and all(m["grade"] and m["locked"] and m["points"] == course.CHECK_POINTS for m in checks)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebooks_carry_nbgrader_metadata_on_every_exercise(path):
+    nb = course.read(path)
+    assert nb == course.nbgrader_cell_metadata(nb, path.stem[:2])

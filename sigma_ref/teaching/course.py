@@ -14,13 +14,20 @@ Jupyter, nbgrader and jupyter-book all use to single cells out):
 
 From those tags:
 - ``solved(nb)`` puts each solution into its exercise cell: what the tests execute and what the book shows;
-- ``learner_copy(nb)`` drops the solutions: what ``python -m sigma_ref release --out DIR`` writes for a class;
+- ``learner_copy(nb)`` drops the solutions: what a learner gets;
 - ``build_book(out)`` executes the solved notebooks and renders them with jupyter-book into a static site.
 
-Why not nbgrader itself: its solution markers (``### BEGIN SOLUTION``) live inside the learner's cell, so the
-course's own notebooks would run the solution on Run All; and its database and grade ids are more than a course
-without grades needs. The tags here follow nbgrader's idea (the instructor's notebook is the source, the
-release strips it) with plain cell metadata.
+Grading with nbgrader. The three cells also carry nbgrader's own cell metadata (``metadata.nbgrader``: the
+exercise and its raw solution are solution cells, the check is a locked, autograded test cell with points), so
+JupyterLab's nbgrader tools see a graded assignment. ``python -m sigma_ref release --out DIR`` makes DIR an
+nbgrader course directory: ``nbgrader_source(nb)`` writes the instructor's version of each notebook to
+``DIR/source/sigma/`` in nbgrader's convention (the solution between ``### BEGIN SOLUTION`` and ``### END
+SOLUTION`` in the exercise cell, after the stub, so the instructor's Run All passes every check), and
+``nbgrader generate_assignment`` writes the learner copies to ``DIR/release/sigma/``: nbgrader removes the
+marked region and keeps the stub with its hint (the course's nbgrader_config.py sets an empty code stub). A
+class then collects submissions and runs ``nbgrader autograde sigma``: each check is worth its points when it
+passes, nothing when it raises (docs/TEACHING.md walks through it). The committed notebooks are not
+nbgrader's source themselves: a learner who opens them should meet the stub, not the solution.
 
 Notebooks are JSON; this module edits them as dicts and imports the Jupyter packages (the dev extra) only where
 it executes or renders them.
@@ -38,6 +45,16 @@ from tqdm.auto import tqdm
 
 EXERCISE, SOLUTION, CHECK = "exercise", "solution", "check"
 STUB_RAISES = "raises-exception"             # nbmake: this cell is expected to raise (the stub is in place)
+ASSIGNMENT = "sigma"                         # the nbgrader assignment that holds the course's notebooks
+CHECK_POINTS = 1                             # points of each check cell
+BEGIN_SOLUTION, END_SOLUTION = "### BEGIN SOLUTION", "### END SOLUTION"
+NBGRADER_CONFIG = """\
+# Written by `python -m sigma_ref release`: the SIGMA course as an nbgrader course directory.
+c = get_config()
+c.CourseDirectory.course_id = "sigma"
+# The solution region comes after the course's own stub (which raises with a hint); the release keeps the stub.
+c.ClearSolutions.code_stub = {"python": ""}
+"""
 
 
 def tags(cell: dict) -> list[str]:
@@ -131,6 +148,49 @@ def learner_copy(nb: dict) -> dict:
     return out
 
 
+def nbgrader_cell_metadata(nb: dict, prefix: str) -> dict:
+    """A copy of nb whose exercise, solution and check cells carry nbgrader's cell metadata (schema 3), with grade
+    ids `prefix`-exercise-K, -solution-K and -check-K. Other cells keep theirs."""
+    out = copy.deepcopy(nb)
+    for k, (exercise, solution, check) in enumerate(exercise_cells(out), 1):
+        roles = [(exercise, "exercise", True, False), (solution, "solution", True, False), (check, "check", False, True)]
+        for index, role, is_solution, is_check in roles:
+            if index is None:
+                continue
+            metadata = {"grade": is_check, "grade_id": f"{prefix}-{role}-{k}", "locked": is_check,
+                        "schema_version": 3, "solution": is_solution, "task": False}
+            if is_check:
+                metadata["points"] = CHECK_POINTS
+            out["cells"][index]["metadata"]["nbgrader"] = metadata
+    return out
+
+
+def nbgrader_source(nb: dict) -> dict:
+    """The instructor's version of a course notebook in nbgrader's convention: each exercise cell holds the stub,
+    then the solution between BEGIN/END SOLUTION (so Run All passes every check); no raw solution cells; checks
+    without nbmake's raises-exception tag; no outputs."""
+    answers = [f"{stub.rstrip()}\n{BEGIN_SOLUTION}\n{answer.rstrip()}\n{END_SOLUTION}\n"
+               for stub, answer in zip(stubs(nb), solutions(nb))]
+    out = with_answers(nb, answers)
+    for _, _, check in exercise_cells(out):
+        out["cells"][check]["metadata"]["tags"] = [t for t in tags(out["cells"][check]) if t != STUB_RAISES]
+    for cell in out["cells"]:
+        if cell["cell_type"] == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+    out["metadata"].pop("widgets", None)
+    return out
+
+
+def nbgrader(args: list[str], course_dir: str | Path) -> subprocess.CompletedProcess:
+    """Run `nbgrader ARGS` in the course directory (the teacher extra installs nbgrader); RuntimeError with its
+    output when it fails."""
+    result = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course_dir, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"nbgrader {' '.join(args)} failed (exit {result.returncode}):\n"
+                           f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
 def read(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
@@ -157,15 +217,21 @@ def course_notebooks(notebooks_dir: str | Path | None = None) -> list[Path]:
 
 
 def release(out: str | Path, notebooks_dir: str | Path | None = None) -> list[Path]:
-    """Write a learner copy of every course notebook into out/; returns the written paths."""
+    """Make `out` an nbgrader course directory holding the course: its nbgrader_config.py, the instructor's
+    notebooks in out/source/sigma/ (nbgrader_source) and, from `nbgrader generate_assignment`, the learner copies
+    in out/release/sigma/; returns the learner copies' paths."""
     paths = course_notebooks(notebooks_dir)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+    source_dir = out / "source" / ASSIGNMENT
+    for stale in (source_dir, out / "release" / ASSIGNMENT):
+        if stale.exists():
+            shutil.rmtree(stale)
+    source_dir.mkdir(parents=True)
+    (out / "nbgrader_config.py").write_text(NBGRADER_CONFIG)
     for path in paths:
-        write(learner_copy(read(path)), out / path.name)
-        written.append(out / path.name)
-    return written
+        write(nbgrader_source(read(path)), source_dir / path.name)
+    nbgrader(["generate_assignment", ASSIGNMENT, "--force"], out)
+    return [out / "release" / ASSIGNMENT / path.name for path in paths]
 
 
 def execute(nb: dict, cwd: str | Path, timeout: int = 1200) -> dict:

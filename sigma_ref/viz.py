@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import masks as M
-from . import var
+from . import stats, var
 
 MODEL_COLOURS = {"standard": "#7f7f7f", "gated": "#1f77b4", "sigma": "#d62728", "moda": "#ff7f0e"}
 STREAM_COLOURS = {"intra": "#2ca02c", "global": "#9467bd"}
@@ -257,22 +257,26 @@ def dilution_figure(runs: dict[str, list[dict]], kind: str = "blank") -> plt.Fig
 def dilution_curves_figure(curves: dict, counts, max_train: int) -> plt.Figure:
     """curves[(mix, kind)][model] = per-seed lists of accuracy over `counts`; one panel per (mix, kind).
 
-    The x axis is symlog (0 is a count too); the shaded band marks what the irrelevant-images mix trained on.
+    Each model's line is the mean over seeds and its band the 95% bootstrap interval of that mean (stats.py); the
+    x axis is symlog (0 is a count too); the grey span marks what the irrelevant-images mix trained on.
     """
     mixes = sorted({mix for mix, _ in curves}, reverse=True)
     kinds = sorted({kind for _, kind in curves})
     fig, axes = plt.subplots(len(mixes), len(kinds), figsize=(5 * len(kinds), 3.4 * len(mixes)),
                              constrained_layout=True, squeeze=False, sharey=True)
+    seeds = 0
     for row, mix in enumerate(mixes):
         for col, kind in enumerate(kinds):
             ax = axes[row][col]
-            for i, (model, per_seed) in enumerate(curves[(mix, kind)].items()):
-                mean, std = _mean_std(per_seed)
-                shift = 1 + 0.04 * (i - 1)          # models side by side, so overlapping lines stay visible
-                ax.errorbar(np.array(counts) * shift, mean, yerr=_bounded(mean, std, (0, 1)), marker="o", capsize=3, alpha=0.85,
-                            color=MODEL_COLOURS.get(model, "k"), label=model)
             if mix != "text only":
-                ax.axvspan(0, max_train, color="0.9", zorder=0, label=f"trained with 0..{max_train}")
+                ax.axvspan(0, max_train, color="0.92", zorder=0, label=f"trained with 0..{max_train}")
+            for model, per_seed in curves[(mix, kind)].items():
+                seeds = max(seeds, len(per_seed))
+                colour = MODEL_COLOURS.get(model, "k")
+                mean = np.mean(per_seed, axis=0)
+                low, high = zip(*(stats.bootstrap_interval(column) for column in zip(*per_seed)))
+                ax.fill_between(counts, low, high, color=colour, alpha=0.18, linewidth=0)
+                ax.plot(counts, mean, marker="o", markersize=4, color=colour, label=model)
             ax.set_xscale("symlog", linthresh=max(1, counts[1]))
             ax.set_xticks(list(counts), [str(c) for c in counts])
             ax.set_ylim(-0.03, 1.03)
@@ -280,7 +284,29 @@ def dilution_curves_figure(curves: dict, counts, max_train: int) -> plt.Figure:
             ax.set_ylabel("text-only exact match")
             ax.set_title(f"trained on: {mix}")
             ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle("Dilution: text-only accuracy with irrelevant image tokens (mean ± sample std over seeds)")
+    fig.suptitle(f"Dilution: text-only accuracy with irrelevant image tokens (mean over {seeds} seeds; band: 95% "
+                 "bootstrap interval of the mean)")
+    return fig
+
+
+def differences_figure(compared: list[dict], labels: dict, title: str) -> plt.Figure:
+    """A table's differences drawn: one row per comparison (stats.paired_comparison + with_holm), the mean
+    difference as a dot, its 95% bootstrap interval as a line, filled where Holm's correction keeps it
+    significant at 5%; the Holm-corrected p is written beside each row."""
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(compared) + 1.4), constrained_layout=True)
+    for i, c in enumerate(compared):
+        colour = MODEL_COLOURS.get(c["a"], "k")
+        ax.plot(c["ci95"], [i, i], color=colour, linewidth=2)
+        ax.plot(c["mean_difference"], i, "o", color=colour, markerfacecolor=colour if c["significant"] else "white")
+        ax.annotate(f"p_Holm {c['p_holm']:.3f}", (1.01, i), xycoords=("axes fraction", "data"), va="center",
+                    fontsize=7)
+    ax.axvline(0, color="0.5", linewidth=0.8)
+    ax.set_yticks(range(len(compared)), [f"{labels.get(c['metric'], c['metric'])}: {c['a']} - {c['b']}"
+                                         for c in compared], fontsize=7)
+    ax.invert_yaxis()
+    n = compared[0]["n"] if compared else 0
+    ax.set_xlabel(f"mean difference over {n} seeds (line: 95% bootstrap interval; filled: significant after Holm)")
+    ax.set_title(title)
     return fig
 
 

@@ -48,12 +48,6 @@ def test_counts_reach_eight_times_what_training_showed():
     assert dilution.inserted_counts(16) == (0, 8, 16, 32, 64, 128)
 
 
-@pytest.mark.parametrize("differences, p", [([0.2, 0.1, 0.3], 0.25), ([0.1, -0.1, 0.0], 1.0),
-                                            ([0.1, 0.1, 0.1, 0.1], 0.125), ([0.5, -0.1, 0.2], 0.5)])
-def test_paired_sign_flip_p_values(differences, p):
-    assert dilution.paired_permutation_p(differences) == pytest.approx(p)
-
-
 def test_a_tiny_dilution_run_writes_every_record_and_reuses_its_models(tmp_path, monkeypatch):
     monkeypatch.setitem(T.PRESETS, "tiny", TINY)
     dilution.run_dilution(1, tmp_path, workers=1, progress=False, preset="tiny", text_only_samples=6)

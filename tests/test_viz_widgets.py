@@ -39,6 +39,35 @@ def test_error_bars_stop_at_the_bounds_of_a_share():
     np.testing.assert_allclose(viz._bounded([2.0], [0.5], None), [[0.5], [0.5]])
 
 
+def test_dilution_curves_draw_the_seed_mean_inside_its_bootstrap_band():
+    per_seed = [[1.0, 0.8, 0.1], [1.0, 0.6, 0.3], [1.0, 0.7, 0.2]]
+    curves = {(mix, kind): {"sigma": per_seed} for mix in ("text only", "irrelevant images") for kind in ("blank", "noise")}
+    fig = viz.dilution_curves_figure(curves, (0, 16, 64), 16)
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [1.0, 0.7, 0.2])
+    from sigma_ref import stats
+    outline = ax.collections[0].get_paths()[0].vertices                  # the band: lows, then highs
+    at_16 = sorted(y for x, y in outline if x == 16)
+    assert at_16[0] == pytest.approx(stats.bootstrap_interval([0.8, 0.6, 0.7])[0])
+    assert at_16[-1] == pytest.approx(stats.bootstrap_interval([0.8, 0.6, 0.7])[1])
+    assert at_16[0] < 0.7 < at_16[-1]
+    assert "3 seeds" in fig._suptitle.get_text()
+
+
+def test_differences_figure_draws_each_interval_and_fills_only_what_holm_keeps():
+    from sigma_ref import stats
+    compared = stats.with_holm([{"metric": "caption_exact_match", "a": "sigma", "b": "standard",
+                                 **stats.paired_comparison([0.9] * 10, [0.8] * 10)},
+                                {"metric": "caption_exact_match", "a": "moda", "b": "standard",
+                                 **stats.paired_comparison([0.8, 0.9] * 5, [0.85] * 10)}])
+    fig = viz.differences_figure(compared, {"caption_exact_match": "caption EM"}, "t")
+    ax = fig.axes[0]
+    intervals, dots = ax.lines[0::2][:2], ax.lines[1::2][:2]
+    np.testing.assert_allclose(intervals[0].get_xdata(), compared[0]["ci95"])
+    assert [d.get_markerfacecolor() != "white" for d in dots] == [True, False]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["caption EM: sigma - standard", "caption EM: moda - standard"]
+
+
 def test_mask_figures_draw_the_masks_they_are_given():
     ids = sr.layout("T2 I3 T1")
     fig = viz.mask_figure(ids)

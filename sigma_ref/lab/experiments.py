@@ -13,9 +13,9 @@ or one process on a GPU.
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
-import statistics
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from .. import probes, viz
+from .. import probes, stats, viz
 from ..model import ATTENTIONS
 from ..checks import check_int
 from ..evaluate import evaluate_all, load_model
@@ -36,6 +36,8 @@ TABLE_METRICS = [("caption_exact_match", "caption EM"), ("compositional_exact_ma
                  ("text_only_accuracy", "text-only acc"), ("dilution.blank.64", "text-only, 64 blank img"),
                  ("dilution.noise.64", "text-only, 64 noise img"), ("test_loss", "test loss"),
                  ("train_seconds", "train s"), ("parameters", "params")]
+# The metrics whose differences between attentions a compare run tests (every pair, one Holm family).
+COMPARED_METRICS = [("caption_exact_match", "caption EM"), ("compositional_exact_match", "compositional EM")]
 
 
 def run_dir(out_dir: str | Path, attention: str, seed: int) -> Path:
@@ -143,21 +145,54 @@ def metric(metrics: dict, dotted: str):
     return metrics
 
 
-def mean_std_text(values: list[float]) -> str:
-    """"mean ± standard deviation" over seeds (± 0 for one seed), as every results table prints it."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+def seed_values(results: list[dict], key: str) -> list[float]:
+    """One attention's values of a (dotted) metric, in seed order, so two attentions pair seed by seed."""
+    return [metric(r, key) for r in sorted(results, key=lambda r: r["seed"])]
+
+
+def summaries(runs: dict[str, list[dict]]) -> dict:
+    """{attention: {metric: stats.summarize(per-seed values)}} for every metric of the table."""
+    return {attention: {key: stats.summarize(seed_values(results, key)) for key, _ in TABLE_METRICS}
+            for attention, results in runs.items()}
+
+
+def comparisons(runs: dict[str, list[dict]], metrics=COMPARED_METRICS) -> list[dict]:
+    """Every pair of attentions on every compared metric, the later attention minus the earlier one, seed by
+    seed; the p-values are Holm-corrected as one family (all the comparisons the table makes)."""
+    compared = []
+    for key, _ in metrics:
+        for earlier, later in itertools.combinations(runs, 2):
+            if [r["seed"] for r in sorted(runs[earlier], key=lambda r: r["seed"])] != \
+                    [r["seed"] for r in sorted(runs[later], key=lambda r: r["seed"])]:
+                raise ValueError(f"runs of {earlier!r} and {later!r} must share their seeds to be compared")
+            compared.append({"metric": key, "a": later, "b": earlier,
+                             **stats.paired_comparison(seed_values(runs[later], key), seed_values(runs[earlier], key))})
+    return stats.with_holm(compared)
+
+
+def comparison_table(compared: list[dict], labels: dict | None = None) -> str:
+    """Markdown: one row per comparison: mean difference with its 95% bootstrap interval, the seeds on each
+    side, the paired sign-flip p and the Holm-corrected p over the whole table."""
+    labels = labels or dict(TABLE_METRICS)
+    lines = [f"| metric | difference | mean [95% interval] | seeds higher / lower | p (sign-flip) | "
+             f"p (Holm, {len(compared)} comparisons) |", "|---|---|---|---|---|---|"]
+    for c in compared:
+        lines.append(f"| {labels.get(c['metric'], c['metric'])} | {c['a']} minus {c['b']} | {c['mean_difference']:+.3f} "
+                     f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | {c['a_higher']} / {c['b_higher']} of {c['n']} | "
+                     f"{c['p']:.3f} | {c['p_holm']:.3f}{' *' if c['significant'] else ''} |")
+    return "\n".join(lines)
 
 
 def summary_table(runs: dict[str, list[dict]]) -> str:
-    """Markdown: one row per attention, mean ± standard deviation over seeds for each metric."""
+    """Markdown: one row per attention; each metric as mean ± sample std [95% bootstrap interval] over seeds."""
     header = "| attention | " + " | ".join(label for _, label in TABLE_METRICS) + " |"
     lines = [header, "|---" * (len(TABLE_METRICS) + 1) + "|"]
     for attention, results in runs.items():
         cells = []
         for key, _ in TABLE_METRICS:
-            values = [metric(r, key) for r in results]
-            cells.append(f"{statistics.fmean(values):.0f}" if key == "parameters" else mean_std_text(values))
+            values = seed_values(results, key)
+            cells.append(f"{values[0]:.0f}" if key == "parameters" else
+                         stats.summary_text(values, 1 if key == "train_seconds" else 3))
         lines.append(f"| {attention} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -169,13 +204,19 @@ def compare(preset: str, seeds: int, out_dir: str | Path, attentions=ATTENTION_K
     out_dir = Path(out_dir)
     runs = ensure_trained(preset, list(range(seeds)), out_dir, attentions, backend, progress, workers)
     machine = machine_description()
-    table = summary_table(runs)
-    write_atomic(out_dir / "results.json", json.dumps({"preset": preset, "seeds": list(range(seeds)),
-                                                       "machine": machine, "runs": runs}, indent=1))
+    compared = comparisons(runs)
+    table, differences = summary_table(runs), comparison_table(compared)
+    write_atomic(out_dir / "results.json", json.dumps(
+        {"preset": preset, "seeds": list(range(seeds)), "machine": machine, "summary": summaries(runs),
+         "comparisons": compared, "correction": {"method": "holm", "family": len(compared), "alpha": 0.05},
+         "runs": runs}, indent=1))
     write_atomic(out_dir / "results.md",
-                 f"Preset `{preset}`, seeds {list(range(seeds))}, mean ± std over seeds; machine: {machine}\n\n{table}\n")
-    print(table)
-    write_compare_figures(runs, out_dir)
+                 f"Preset `{preset}`, seeds {list(range(seeds))}; each cell: mean ± sample std [95% bootstrap "
+                 f"interval of the mean] over seeds; machine: {machine}\n\n{table}\n\n"
+                 f"Differences, seed by seed (paired sign-flip test; Holm's correction over the whole table; "
+                 f"* significant at 5% after it):\n\n{differences}\n")
+    print(table + "\n\n" + differences)
+    write_compare_figures(runs, out_dir, compared)
     return runs
 
 
@@ -186,7 +227,7 @@ def probe_trained_model(model, batch) -> dict:
             "sinks": probes.attention_sinks(model, batch)}
 
 
-def compare_figures(runs: dict[str, list[dict]], out_dir: str | Path) -> dict:
+def compare_figures(runs: dict[str, list[dict]], out_dir: str | Path, compared: list[dict] | None = None) -> dict:
     """Which figures a compare run gets: {file name: Figure}, from its metrics and its probed models."""
     batch = probes.probe_batch()
     probed = {m: [probe_trained_model(load_model(run_dir(out_dir, m, r["seed"]) / "checkpoint.pt"), batch)
@@ -196,6 +237,8 @@ def compare_figures(runs: dict[str, list[dict]], out_dir: str | Path) -> dict:
         "sinks.png": viz.sinks_figure({m: [p["sinks"] for p in ps] for m, ps in probed.items()}),
         "dilution_blank.png": viz.dilution_figure(runs, "blank"),
         "dilution_noise.png": viz.dilution_figure(runs, "noise"),
+        "differences.png": viz.differences_figure(compared if compared is not None else comparisons(runs),
+                                                  dict(TABLE_METRICS), "Differences between attentions"),
     }
     for model in ("gated", "sigma"):
         if model in runs:
@@ -204,10 +247,11 @@ def compare_figures(runs: dict[str, list[dict]], out_dir: str | Path) -> dict:
     return figures
 
 
-def write_compare_figures(runs: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
+def write_compare_figures(runs: dict[str, list[dict]], out_dir: str | Path,
+                          compared: list[dict] | None = None) -> list[Path]:
     """Probe every trained model of a compare run and write its PNG figures next to its results table."""
     paths = []
-    for name, fig in compare_figures(runs, out_dir).items():
+    for name, fig in compare_figures(runs, out_dir, compared).items():
         fig.savefig(Path(out_dir) / name, dpi=110)
         plt.close(fig)
         paths.append(Path(out_dir) / name)

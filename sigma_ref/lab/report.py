@@ -21,8 +21,9 @@ import re
 import statistics
 from pathlib import Path
 
+from .. import stats
 from .bench import Table
-from .dilution import ABLATIONS, MODA_ABLATIONS, load_metrics, paired_permutation_p
+from .dilution import ABLATIONS, MODA_ABLATIONS, load_metrics
 from .experiments import ATTENTION_KINDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,30 +51,43 @@ def compare_table(results: Path) -> str:
     return "\n".join(line for line in text.splitlines() if line.startswith("|"))
 
 
+def differences_text(compared: list[dict], labels: dict | None = None) -> str:
+    """The comparisons of a family in words: which differences survive Holm's correction, and how many do not."""
+    labels = labels or {}
+    kept = [c for c in compared if c["significant"]]
+    said = "; ".join(f"{labels.get(c['metric'], c['metric'])}: {c['a']} minus {c['b']} {100 * c['mean_difference']:+.1f} "
+                     f"points [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}], higher on {c['a_higher']} of "
+                     f"{c['n']} seeds, p {c['p']:.3f}, Holm {c['p_holm']:.3f}" for c in kept)
+    return (f"{len(kept)} of {len(compared)} paired differences significant at 5% after Holm's correction"
+            + (f": {said}" if kept else "") + ".")
+
+
 def compare_figures(results: Path) -> str:
-    runs = _json(results, "cpu/results.json")["runs"]
+    data = _json(results, "cpu/results.json")
+    runs, summary = data["runs"], data["summary"]
     kinds = [a for a in ATTENTION_KINDS if a in runs]
-    mean = lambda a, key: statistics.fmean(r[key] for r in runs[a])
+    mean = lambda a, key: summary[a][key]["mean"]
+    interval = lambda a, key: f"[{_pct(summary[a][key]['ci95'][0])}, {_pct(summary[a][key]['ci95'][1])}]"
     every = lambda key: [r[key] for a in kinds for r in runs[a]]
     caption, steps = every("caption_exact_match"), every("steps")
     per_step = [1e3 * r["train_seconds"] / r["steps"] for a in kinds for r in runs[a]]
-    first_95 = [next(t for _, t, em in r["exact_match_curve"] if em >= 0.95) for a in kinds for r in runs[a]]
+    labels = {"caption_exact_match": "caption EM", "compositional_exact_match": "compositional EM"}
     lines = [
-        f"- Caption exact match, mean over {len(runs[kinds[0]])} seeds: "
-        + ", ".join(f"{a} {_pct(mean(a, 'caption_exact_match'))}" for a in kinds)
-        + f"; every run {_pct(min(caption))}-{_pct(max(caption))}; the means span "
-        f"{100 * (max(mean(a, 'caption_exact_match') for a in kinds) - min(mean(a, 'caption_exact_match') for a in kinds)):.1f} points.",
-        "- Compositional exact match, mean (seed range): "
-        + ", ".join(f"{a} {_pct(mean(a, 'compositional_exact_match'))} "
+        f"- Caption exact match, mean [95% interval] over {len(runs[kinds[0]])} seeds: "
+        + ", ".join(f"{a} {_pct(mean(a, 'caption_exact_match'))} {interval(a, 'caption_exact_match')}" for a in kinds)
+        + f"; every run {_pct(min(caption))}-{_pct(max(caption))}.",
+        "- Compositional exact match, mean [95% interval] (seed range): "
+        + ", ".join(f"{a} {_pct(mean(a, 'compositional_exact_match'))} {interval(a, 'compositional_exact_match')} "
                     f"({_pct(min(r['compositional_exact_match'] for r in runs[a]))}-"
                     f"{_pct(max(r['compositional_exact_match'] for r in runs[a]))})" for a in kinds) + ".",
+        f"- Between attentions (every pair, both metrics): {differences_text(data['comparisons'], labels)}",
         f"- Text-only accuracy: lowest run {_pct(min(every('text_only_accuracy')))}; with 64 inserted image tokens, "
         f"highest run: blank {_pct(max(r['dilution']['blank']['64'] for a in kinds for r in runs[a]))}, "
         f"noise {_pct(max(r['dilution']['noise']['64'] for a in kinds for r in runs[a]))}.",
         f"- Training: stopped after {min(steps)}-{max(steps)} steps, {min(every('train_seconds')):.0f}-"
         f"{max(every('train_seconds')):.0f} s per model ({min(per_step):.0f}-{max(per_step):.0f} ms a step, one "
-        f"thread, two models at a time); 95% validation exact match first passed after {min(first_95):.1f}-"
-        f"{max(first_95):.1f} s.",
+        f"thread, two models at a time); {sum(r['target_reached'] is not None for a in kinds for r in runs[a])} of "
+        f"{len(caption)} runs stopped by the rule, the others at the step budget.",
     ]
     return "\n".join(lines)
 
@@ -87,35 +101,30 @@ def dilution_tables(results: Path) -> str:
 
 
 def dilution_figures(results: Path) -> str:
+    data = _json(results, "dilution/results.json")
     metrics, _ = load_metrics(results / "dilution")
     by = lambda mix, variant: sorted((m for m in metrics if m["train_mix"] == mix and m["variant"] == variant),
                                      key=lambda m: m["seed"])
     acc = lambda mix, variant, kind, n: [m["accuracy"][kind][str(n)] for m in by(mix, variant)]
     mean = lambda *args: statistics.fmean(acc(*args))
-    seeds = len(by("text only", "sigma"))
-    lines = ["- Trained on text only, with 16 blank image tokens inserted: "
-             + ", ".join(f"{a} {mean('text only', a, 'blank', 16):.2f}" for a in ATTENTION_KINDS)
+    lines = [f"- {len(by('text only', 'sigma'))} seeds per model. Trained on text only, with 16 blank image tokens "
+             "inserted: " + ", ".join(f"{a} {mean('text only', a, 'blank', 16):.2f}" for a in ATTENTION_KINDS)
              + f"; with 64 blank tokens the best run keeps "
              f"{max(max(acc('text only', a, 'blank', 64)) for a in ATTENTION_KINDS):.3f}."]
     mixed = "irrelevant images"
-    for kind, n in (("noise", 64), ("noise", 128), ("blank", 64)):
-        sigma = acc(mixed, "sigma", kind, n)
-        parts = []
-        for other in (a for a in ATTENTION_KINDS if a != "sigma"):
-            differences = [s - o for s, o in zip(sigma, acc(mixed, other, kind, n))]
-            parts.append(f"ahead of {other} on {sum(d > 0 for d in differences)} of {seeds} seeds "
-                         f"(paired sign-flip p = {paired_permutation_p(differences):.2f})")
-        lines.append(f"- Trained with irrelevant images, {n} {kind} tokens: "
-                     + ", ".join(f"{a} {mean(mixed, a, kind, n):.2f}" for a in ATTENTION_KINDS)
-                     + "; SIGMA " + ", ".join(parts) + ".")
+    for kind, n in (("noise", 64), ("noise", 128), ("blank", 64), ("blank", 128)):
+        lines.append(f"- Trained with irrelevant images, {n} {kind} tokens, mean [95% interval]: " + ", ".join(
+            f"{a} {mean(mixed, a, kind, n):.2f} [{stats.bootstrap_interval(acc(mixed, a, kind, n))[0]:.2f}, "
+            f"{stats.bootstrap_interval(acc(mixed, a, kind, n))[1]:.2f}]" for a in ATTENTION_KINDS) + ".")
+    lines.append(f"- SIGMA against each baseline at 64 and 128 tokens: {differences_text(data['comparisons'])}")
     for name, grid in (("SIGMA", ABLATIONS), ("MODA", MODA_ABLATIONS)):
         variants = [v for v in grid if by(mixed, v)]
-        own = acc(mixed, name.lower(), "blank", 64)
-        if len(variants) > 1 and own:
-            lines.append(f"- {name}'s ablations (irrelevant images; 64 blank / 128 noise): "
-                         + ", ".join(f"{v} {mean(mixed, v, 'blank', 64):.2f} / {mean(mixed, v, 'noise', 128):.2f}"
-                                     for v in variants) + f"; {name}'s own seeds at 64 blank span "
-                         f"{min(own):.2f}-{max(own):.2f}.")
+        if len(variants) > 1:
+            lines.append(f"- {name}'s ablations (irrelevant images; caption EM / 64 blank / 128 noise): "
+                         + ", ".join(f"{v} {statistics.fmean(m['caption_exact_match'] for m in by(mixed, v)):.3f} / "
+                                     f"{mean(mixed, v, 'blank', 64):.2f} / {mean(mixed, v, 'noise', 128):.2f}"
+                                     for v in variants)
+                         + f"; each part against {name}: {differences_text(data['ablation_comparisons'][name])}")
     lines.append("- Caption exact match under the irrelevant-images mix: "
                  + ", ".join(f"{a} {statistics.fmean(m['caption_exact_match'] for m in by(mixed, a)):.3f}"
                              for a in ATTENTION_KINDS) + ".")
@@ -164,15 +173,26 @@ def bench_figures(results: Path) -> str:
 def speedrun_figures(results: Path) -> str:
     threads, tta = (_keyed(t) for t in _json(results, "time_to_accuracy_cpu.json")["tables"])
     runs = _json(results, "time_to_accuracy_cpu.json")["runs"]["time_to_accuracy"]
+    study = _keyed(_json(results, "stopping_rule_cpu.json")["tables"][0])
     log = _json(results, "speedrun_log_cpu.json")["tables"][0]["rows"]
     ratio = {key: row[-1] for key, row in threads.items()}
+    seeds = sorted({r["seed"] for r in runs})
+    below = lambda rule: study[rule][6]
     return "\n".join([
-        "- Time to 95% validation exact match, medians: "
+        f"- Stopping rule, replayed on {len(_json(results, 'stopping_rule_cpu.json')['runs']['check_curves'])} runs "
+        f"(seeds the recipe was never tuned on): the old rule (98% of 200 validation scenes at one check every 50 "
+        f"steps) stopped {below((0.98, 200, 50, 1))} run(s) below 95% test exact match, lowest "
+        f"{study[0.98, 200, 50, 1][5]:.3f}; the `cpu` preset's rule now (98% of all 300 at two checks in a row, "
+        f"25 steps apart) {below((0.98, 300, 25, 2))}, lowest {study[0.98, 300, 25, 2][5]:.3f}.",
+        f"- Seeds {seeds[0]}-{seeds[-1]}, every attention trained with the `cpu` preset: test caption exact match "
+        f"where training stopped {min(r['caption_exact_match'] for r in runs):.3f}-"
+        f"{max(r['caption_exact_match'] for r in runs):.3f} ({sum(r['caption_exact_match'] >= 0.95 for r in runs)} "
+        f"of {len(runs)} runs at 95% or more); stopped after {min(r['stopped_seconds'] for r in runs):.1f}-"
+        f"{max(r['stopped_seconds'] for r in runs):.1f} s of training.",
+        "- Time to 95% validation exact match (two checks in a row), medians: "
         + ", ".join(f"{attention} {row[1]:.1f} s ({row[4]} seeds)" for attention, row in tta.items())
         + f"; all runs {min(r['seconds'] for r in runs):.1f}-{max(r['seconds'] for r in runs):.1f} s, against "
         f"{log[0][1]:.0f} s for SIGMA before the speedrun.",
-        f"- Test caption exact match at that 95% stop: {min(r['caption_exact_match'] for r in runs):.3f}-"
-        f"{max(r['caption_exact_match'] for r in runs):.3f}.",
         f"- Threads, step time over one thread on an idle machine: two threads {ratio[2, 'idle']:.2f}x with the "
         f"other core idle and {ratio[2, 'busy']:.2f}x with it busy; one thread {ratio[1, 'busy']:.2f}x with it busy.",
     ])
@@ -181,7 +201,7 @@ def speedrun_figures(results: Path) -> str:
 # -- the package map: each module's own first sentence, in import order -------------------------------------
 
 PACKAGE = ROOT / "sigma_ref"
-MAP_ORDER = ("checks", "runtime", "masks", "kernels/", "attention", "moda", "model", "data", "evaluate", "probes",
+MAP_ORDER = ("checks", "runtime", "stats", "masks", "kernels/", "attention", "moda", "model", "data", "evaluate", "probes",
              "var", "optim", "train", "viz", "widgets", "lab/", "teaching/", "testing/", "hf/")
 
 
@@ -294,6 +314,7 @@ BLOCKS = {
     "bench-figures": bench_figures,
     "speedrun-log": lambda results: _tables(results, "speedrun_log_cpu.json"),
     "time-to-accuracy": lambda results: _tables(results, "time_to_accuracy_cpu.json"),
+    "stopping-rule": lambda results: _tables(results, "stopping_rule_cpu.json"),
     "speedrun-figures": speedrun_figures,
     "var-tables": var_tables,
     "var-figures": var_figures,

@@ -28,6 +28,10 @@ def intra_pairs(spec):
     n = len(sr.layout(spec))
     return n * (n + 1) // 2
 """,
+        """\
+def intra_pairs(spec):
+    return int(sr.intra_mask(sr.layout(spec)).sum())     # right numbers, but it builds the mask
+""",
     ],
     "02_split_heads": [
         """\
@@ -60,14 +64,18 @@ def global_bias_for_share(r, intra_bias):
     ],
     "04_the_sigma_layer": [
         """\
-def attention_work(spec, H, h):
-    return (0.5 * h + (H - h)) / H          # "an intra head does half the work"
+def image_fraction_for_work(target, H, h):
+    return H * (1 - target) / h                          # "an intra head does 1 - i of the work": linear
 """,
         """\
-def attention_work(spec, H, h):
-    ids = sr.layout(spec)
-    t, i, n = int((ids == sr.TEXT).sum()), int((ids == sr.IMAGE).sum()), len(ids)
-    return (h * (t * t + i * i) + (H - h) * n * n) / (H * n * n)   # forgets the causal mask
+import math
+
+
+def image_fraction_for_work(target, H, h):
+    product = H * (1 - target) / (2 * h)
+    if not 0 <= product <= 0.25:
+        raise ValueError("unreachable")
+    return (1 + math.sqrt(1 - 4 * product)) / 2          # the other root: the TEXT fraction
 """,
     ],
     "05_fast_and_exact": [

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -90,6 +91,33 @@ def compare_figures(results: Path) -> str:
         f"{len(caption)} runs stopped by the rule, the others at the step budget.",
     ]
     return "\n".join(lines)
+
+
+def seed_spread(results: Path) -> str:
+    """How to read a seed spread, with the compare run's own numbers."""
+    data = _json(results, "cpu/results.json")
+    runs, summary, compared = data["runs"], data["summary"], data["comparisons"]
+    kinds = [a for a in ATTENTION_KINDS if a in runs]
+    n = len(runs[kinds[0]])
+    key = "compositional_exact_match"
+    widest = max(kinds, key=lambda a: max(r[key] for r in runs[a]) - min(r[key] for r in runs[a]))
+    values = [r[key] for r in runs[widest]]
+    width = summary[widest][key]["ci95"][1] - summary[widest][key]["ci95"][0]
+    caption = [c for c in compared if c["metric"] == "caption_exact_match"]
+    smallest = min(caption, key=lambda c: c["p"])
+    return "\n".join([
+        f"- One attention, one recipe, {n} seeds: {widest}'s compositional exact match runs from "
+        f"{_pct(min(values))} to {_pct(max(values))} (sample standard deviation {100 * summary[widest][key]['std']:.1f} "
+        f"points). The 95% interval of its mean is {100 * width:.1f} points wide: it shrinks with the square root "
+        f"of the seeds, so three seeds would give an interval about {math.sqrt(n / 3):.1f}x as wide.",
+        f"- A paired sign-flip test over {n} seeds cannot give p below 2 / 2^{n} = {2 / 2 ** n:.4f}; over three "
+        "seeds, 0.25, which is why a three-seed run can only report a lead.",
+        f"- The compare run makes {len(compared)} comparisons at once (every pair of attentions, caption and "
+        f"compositional exact match); at 5% each, about {0.05 * len(compared):.1f} would look significant by luck if "
+        f"no attention differed. Holm's correction multiplies the smallest p by {len(compared)}, the next by "
+        f"{len(compared) - 1}, and so on. The smallest caption p here: {smallest['a']} minus {smallest['b']}, "
+        f"p {smallest['p']:.4f}, after Holm {smallest['p_holm']:.4f}.",
+    ])
 
 
 # -- dilution: results/dilution ----------------------------------------------------------------------------
@@ -308,6 +336,7 @@ BLOCKS = {
     "hf-bench": hf_bench,
     "compare-table": compare_table,
     "compare-figures": compare_figures,
+    "seed-spread": seed_spread,
     "dilution-tables": dilution_tables,
     "dilution-figures": dilution_figures,
     "bench-tables": lambda results: _tables(results, "bench_cpu.json"),

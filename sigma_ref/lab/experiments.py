@@ -170,12 +170,12 @@ def comparisons(runs: dict[str, list[dict]], metrics=COMPARED_METRICS) -> list[d
     return stats.with_holm(compared)
 
 
-def comparison_table(compared: list[dict], labels: dict | None = None) -> str:
+def comparison_table(compared: list[dict], labels: dict | None = None, family: int | None = None) -> str:
     """Markdown: one row per comparison: mean difference with its 95% bootstrap interval, the seeds on each
-    side, the paired sign-flip p and the Holm-corrected p over the whole table."""
+    side, the paired sign-flip p and the Holm-corrected p (over `family` comparisons: default, these rows)."""
     labels = labels or dict(TABLE_METRICS)
     lines = [f"| metric | difference | mean [95% interval] | seeds higher / lower | p (sign-flip) | "
-             f"p (Holm, {len(compared)} comparisons) |", "|---|---|---|---|---|---|"]
+             f"p (Holm, {family or len(compared)} comparisons) |", "|---|---|---|---|---|---|"]
     for c in compared:
         lines.append(f"| {labels.get(c['metric'], c['metric'])} | {c['a']} minus {c['b']} | {c['mean_difference']:+.3f} "
                      f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | {c['a_higher']} / {c['b_higher']} of {c['n']} | "

@@ -47,9 +47,19 @@ def _pct(x: float) -> str:
 # -- compare: results/cpu --------------------------------------------------------------------------------
 
 
+def _markdown_tables(path: Path) -> list[str]:
+    """The tables of a results.md, each as its lines."""
+    return [p.strip() for p in path.read_text().split("\n\n") if p.strip().startswith("|")]
+
+
 def compare_table(results: Path) -> str:
-    text = (results / "cpu" / "results.md").read_text()
-    return "\n".join(line for line in text.splitlines() if line.startswith("|"))
+    """The compare run's summary table (mean ± std [interval] per attention and metric)."""
+    return _markdown_tables(results / "cpu" / "results.md")[0]
+
+
+def compare_differences(results: Path) -> str:
+    """The compare run's table of paired differences (every pair of attentions, Holm-corrected)."""
+    return _markdown_tables(results / "cpu" / "results.md")[1]
 
 
 def differences_text(compared: list[dict], labels: dict | None = None) -> str:
@@ -88,7 +98,7 @@ def compare_figures(results: Path) -> str:
         f"- Training: stopped after {min(steps)}-{max(steps)} steps, {min(every('train_seconds')):.0f}-"
         f"{max(every('train_seconds')):.0f} s per model ({min(per_step):.0f}-{max(per_step):.0f} ms a step, one "
         f"thread, two models at a time); {sum(r['target_reached'] is not None for a in kinds for r in runs[a])} of "
-        f"{len(caption)} runs stopped by the rule, the others at the step budget.",
+        f"{len(caption)} runs stopped by the stopping rule (the others at the 600-step budget).",
     ]
     return "\n".join(lines)
 
@@ -336,6 +346,7 @@ BLOCKS = {
     "hf-bench": hf_bench,
     "compare-table": compare_table,
     "compare-figures": compare_figures,
+    "compare-differences": compare_differences,
     "seed-spread": seed_spread,
     "dilution-tables": dilution_tables,
     "dilution-figures": dilution_figures,

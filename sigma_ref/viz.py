@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import masks as M
-from . import stats, var
+from . import stats
 
 MODEL_COLOURS = {"standard": "#7f7f7f", "gated": "#1f77b4", "sigma": "#d62728", "moda": "#ff7f0e"}
 STREAM_COLOURS = {"intra": "#2ca02c", "global": "#9467bd"}
@@ -289,27 +289,6 @@ def dilution_curves_figure(curves: dict, counts, max_train: int) -> plt.Figure:
     return fig
 
 
-def differences_figure(compared: list[dict], labels: dict, title: str) -> plt.Figure:
-    """A table's differences drawn: one row per comparison (stats.paired_comparison + with_holm), the mean
-    difference as a dot, its 95% bootstrap interval as a line, filled where Holm's correction keeps it
-    significant at 5%; the Holm-corrected p is written beside each row."""
-    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(compared) + 1.4), constrained_layout=True)
-    for i, c in enumerate(compared):
-        colour = MODEL_COLOURS.get(c["a"], "k")
-        ax.plot(c["ci95"], [i, i], color=colour, linewidth=2)
-        ax.plot(c["mean_difference"], i, "o", color=colour, markerfacecolor=colour if c["significant"] else "white")
-        ax.annotate(f"p_Holm {c['p_holm']:.3f}", (1.01, i), xycoords=("axes fraction", "data"), va="center",
-                    fontsize=7)
-    ax.axvline(0, color="0.5", linewidth=0.8)
-    ax.set_yticks(range(len(compared)), [f"{labels.get(c['metric'], c['metric'])}: {c['a']} - {c['b']}"
-                                         for c in compared], fontsize=7)
-    ax.invert_yaxis()
-    n = compared[0]["n"] if compared else 0
-    ax.set_xlabel(f"mean difference over {n} seeds (line: 95% bootstrap interval; filled: significant after Holm)")
-    ax.set_title(title)
-    return fig
-
-
 def ablation_figure(values: dict[str, list[float]], label: str, title: str) -> plt.Figure:
     """Horizontal bars, one per variant: the mean over seeds, ± the sample std (cut at 0 and 1), with the
     per-seed values as dots."""
@@ -395,30 +374,6 @@ def benchmark_figure(results: dict, title: str = "") -> plt.Figure:
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)   # below: hides no line
     fig.suptitle(title or f"SIGMA vs standard attention ({results.get('machine', '')})", fontsize=9)
     fig.tight_layout()
-    return fig
-
-
-def sink_phi_figure(phi: dict, tau: float, hidden_size: int, title: str):
-    """One panel per model: histograms of phi (var.sink_values) for image and text tokens, beside an isotropic
-    Gaussian state of the same width on two fixed dimensions, with the threshold tau dashed.
-
-    phi: {panel title: {"image": values, "text": values}} (tensors or lists).
-    """
-    fig, axes = plt.subplots(1, len(phi), figsize=(3.2 * len(phi), 3), sharey=True, constrained_layout=True,
-                             squeeze=False)
-    null = var.sink_values(torch.randn(20_000, hidden_size, generator=torch.Generator().manual_seed(0)), [0, 1])
-    bins = torch.linspace(0, hidden_size ** 0.5, 41).numpy()
-    for ax, (name, values) in zip(axes[0], phi.items()):
-        for data, label, colour in ((values["image"], "image tokens", "tab:orange"),
-                                    (values["text"], "text tokens", "tab:blue"), (null, "isotropic null", "0.5")):
-            ax.hist(np.asarray(data, dtype=float), bins=bins, density=True, histtype="step", lw=1.5, label=label,
-                    color=colour)
-        ax.axvline(tau, color="k", ls="--", lw=1)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("phi on the 2 dimensions found")
-    axes[0, 0].set_ylabel("density")
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"{title} (dashed: tau = {tau:.1f}; sqrt(D) = {hidden_size ** 0.5:.0f})", fontsize=10)
     return fig
 
 

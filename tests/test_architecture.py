@@ -90,10 +90,11 @@ def test_every_module_has_a_floor():
 
 
 def test_the_top_level_holds_the_core_alone():
-    """What a learner reads sits at the top level, at most 14 modules; the tooling lives in subpackages."""
+    """What a learner reads sits at the top level, at most 15 modules (stats.py, how to read a seed spread, is one);
+    the tooling lives in subpackages."""
     top = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
     packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
-    assert len(top) <= 14, sorted(top)
+    assert len(top) <= 15, sorted(top)
     assert top | {"kernels"} <= CORE and packages == {"kernels", "lab", "teaching", "testing", "hf"}
 
 

@@ -51,9 +51,12 @@ def test_first_firing_replays_the_rule_the_trainer_stops_by():
 
 
 def test_summary_rows_are_median_min_max_and_how_many_reached():
-    results = [{"seconds": s, "reached": r, "step": st, "caption_exact_match": 0.9, "compositional_exact_match": 0.5}
-               for s, r, st in [(30.0, True, 600), (10.0, True, 400), (20.0, False, 700)]]
-    assert speedrun._summary(results) == [20.0, 10.0, 30.0, "2/3", 600, pytest.approx(0.9), pytest.approx(0.5)]
+    results = [{"seconds": s, "reached": r, "step": st, "stopped_seconds": stop, "caption_exact_match": em,
+                "compositional_exact_match": 0.5}
+               for s, r, st, stop, em in [(30.0, True, 600, 35.0, 0.96), (10.0, True, 400, 12.0, 0.99),
+                                          (20.0, False, 700, 40.0, 0.95)]]
+    assert speedrun._summary(results) == [20.0, 10.0, 30.0, "2/3", 600, 35.0, 40.0, 0.95, pytest.approx(0.9666666),
+                                          pytest.approx(0.5)]
 
 
 def test_thread_table_measures_both_thread_counts_with_the_other_core_idle_and_busy():

@@ -10,6 +10,7 @@ import torch
 
 import sigma_ref as sr
 from sigma_ref import viz, widgets
+from sigma_ref.lab import experiments, var_study
 
 
 def probe(mass_intra, mass_global, contamination):
@@ -60,7 +61,7 @@ def test_differences_figure_draws_each_interval_and_fills_only_what_holm_keeps()
                                  **stats.paired_comparison([0.9] * 10, [0.8] * 10)},
                                 {"metric": "caption_exact_match", "a": "moda", "b": "standard",
                                  **stats.paired_comparison([0.8, 0.9] * 5, [0.85] * 10)}])
-    fig = viz.differences_figure(compared, {"caption_exact_match": "caption EM"}, "t")
+    fig = experiments.differences_figure(compared, {"caption_exact_match": "caption EM"}, "t")
     ax = fig.axes[0]
     intervals, dots = ax.lines[0::2][:2], ax.lines[1::2][:2]
     np.testing.assert_allclose(intervals[0].get_xdata(), compared[0]["ci95"])
@@ -94,7 +95,7 @@ def test_other_figures_render():
     fig = viz.dilution_figure(runs)
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [1.0, 0.5, 0.2])
     phi = {name: {"image": torch.rand(50) * 3, "text": [1.0, 2.0, 3.0]} for name in ("a", "b")}
-    fig = viz.sink_phi_figure(phi, 2.5, 64, "phi")
+    fig = var_study.sink_phi_figure(phi, 2.5, 64, "phi")
     assert [ax.get_title() for ax in fig.axes] == ["a", "b"] and len(fig.axes[0].patches) == 3   # 3 histograms
 
 

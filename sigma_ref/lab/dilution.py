@@ -34,7 +34,7 @@ from .. import data as D
 from .. import probes, viz
 from ..checks import check_choice, check_int
 from ..evaluate import evaluate
-from .experiments import ATTENTION_KINDS, comparison_table, run_in_workers
+from .experiments import ATTENTION_KINDS, comparison_table, differences_figure, run_in_workers
 from ..masks import IMAGE, TEXT
 from .. import stats
 from ..runtime import TRAINING_THREADS, machine_description, torch_threads, write_atomic
@@ -279,8 +279,8 @@ def figures(metrics: list[dict], counts) -> dict:
     out = {"dilution_curves.png": viz.dilution_curves_figure(accuracy_curves(metrics, counts), counts, MAX_TRAIN_IMAGES)}
     compared = comparisons(metrics)
     if compared:
-        out["differences.png"] = viz.differences_figure(compared, {}, "SIGMA minus each attention, trained with "
-                                                        "irrelevant images: text-only exact match")
+        out["differences.png"] = differences_figure(compared, {}, "SIGMA minus each attention, trained with "
+                                                    "irrelevant images: text-only exact match")
     histories = gate_histories(metrics)
     if all(histories.values()):
         out["text_gates.png"] = viz.text_gates_figure(histories, "Global gate on text tokens during training "

@@ -25,10 +25,11 @@ import statistics
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 
 from .. import data as D
-from .. import probes, var, viz
+from .. import probes, var
 from ..checks import check_int
 from ..evaluate import evaluate, load_model
 from ..masks import IMAGE, TEXT
@@ -150,12 +151,36 @@ def recurring_dims(reports: list[dict]) -> list[int]:
     return sorted(set.intersection(*sets)) if sets else []
 
 
+def sink_phi_figure(phi: dict, tau: float, hidden_size: int, title: str):
+    """One panel per model: histograms of phi (var.sink_values) for image and text tokens, beside an isotropic
+    Gaussian state of the same width on two fixed dimensions, with the threshold tau dashed.
+
+    phi: {panel title: {"image": values, "text": values}} (tensors or lists).
+    """
+    fig, axes = plt.subplots(1, len(phi), figsize=(3.2 * len(phi), 3), sharey=True, constrained_layout=True,
+                             squeeze=False)
+    null = var.sink_values(torch.randn(20_000, hidden_size, generator=torch.Generator().manual_seed(0)), [0, 1])
+    bins = torch.linspace(0, hidden_size ** 0.5, 41).numpy()
+    for ax, (name, values) in zip(axes[0], phi.items()):
+        for data, label, colour in ((values["image"], "image tokens", "tab:orange"),
+                                    (values["text"], "text tokens", "tab:blue"), (null, "isotropic null", "0.5")):
+            ax.hist(np.asarray(data, dtype=float), bins=bins, density=True, histtype="step", lw=1.5, label=label,
+                    color=colour)
+        ax.axvline(tau, color="k", ls="--", lw=1)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("phi on the 2 dimensions found")
+    axes[0, 0].set_ylabel("density")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{title} (dashed: tau = {tau:.1f}; sqrt(D) = {hidden_size ** 0.5:.0f})", fontsize=10)
+    return fig
+
+
 def phi_figure(studies: list[dict], tau: float, hidden_size: int):
     """phi of image and text tokens entering the last layer, per attention (its first seed), against the null."""
     first = {}
     for study in sorted(studies, key=lambda s: s["seed"]):
         first.setdefault(study["attention"], study)
-    return viz.sink_phi_figure({f"{a}, seed {s['seed']}": s["phi_sample"] for a, s in first.items()}, tau, hidden_size,
+    return sink_phi_figure({f"{a}, seed {s['seed']}": s["phi_sample"] for a, s in first.items()}, tau, hidden_size,
                                "phi entering the last layer")
 
 

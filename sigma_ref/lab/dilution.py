@@ -189,10 +189,16 @@ COMPARED_COUNTS = (64, 128)
 
 
 def comparisons(metrics: list[dict]) -> list[dict]:
-    """SIGMA minus each other attention, seed by seed, trained with irrelevant images, at COMPARED_COUNTS of
-    each kind: mean difference, interval, wins, sign-flip p, Holm-corrected over these comparisons together."""
+    """SIGMA minus each other attention, seed by seed, trained with irrelevant images: the caption exact match
+    (what robustness costs), then the text-only accuracy at COMPARED_COUNTS of each kind; mean difference,
+    interval, wins, sign-flip p, Holm-corrected over these comparisons together."""
     compared = []
     mixed = "irrelevant images"
+    for baseline in (a for a in ATTENTION_KINDS if a != "sigma"):
+        sigma, other = _by(metrics, train_mix=mixed, variant="sigma"), _by(metrics, train_mix=mixed, variant=baseline)
+        if sigma and other:
+            compared.append({"metric": "caption EM", "a": "sigma", "b": baseline, **stats.paired_comparison(
+                [r["caption_exact_match"] for r in sigma], [r["caption_exact_match"] for r in other])})
     for kind in KINDS:
         for n in COMPARED_COUNTS:
             for baseline in (a for a in ATTENTION_KINDS if a != "sigma"):

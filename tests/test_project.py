@@ -114,34 +114,36 @@ def test_readings_hold_on_the_committed_compare_run():
 
 
 def test_readings_hold_on_the_committed_dilution_run():
-    """Without irrelevant images every model breaks; with them all are robust up to 16 tokens; beyond, SIGMA
-    keeps the most on average, at p >= 0.25 (three seeds); its global gate on text does not close."""
+    """What RESULTS, README and notebook 08 read off the ten-seed dilution run, recomputed by the package: without
+    irrelevant images every model breaks; with them all are robust up to 16 tokens; beyond, SIGMA keeps more than
+    every other attention (all twelve comparisons significant after Holm); its caption cost is not resolved; of
+    its parts, only no intra head and one intra head keep significantly less; its global gate does not close."""
     import statistics
 
+    results = json.loads((ROOT / "results" / "dilution" / "results.json").read_text())
     metrics, _ = dilution.load_metrics(ROOT / "results" / "dilution")
+    assert results["seeds"] == list(range(10)) and len(metrics) == 180
+    compared = dilution.comparisons(metrics)
+    assert json.loads(json.dumps(compared)) == results["comparisons"]
+    parts = {name: dilution.ablation_comparisons(metrics, grid)
+             for name, grid in (("SIGMA", dilution.ABLATIONS), ("MODA", dilution.MODA_ABLATIONS))}
+    assert json.loads(json.dumps(parts)) == results["ablation_comparisons"]
     accuracy = lambda mix, variant, kind, n: [m["accuracy"][kind][str(n)] for m in metrics
                                               if m["train_mix"] == mix and m["variant"] == variant]
     kinds = ("standard", "gated", "sigma", "moda")
-    assert all(max(accuracy("text only", a, "blank", 64)) < 0.1 for a in kinds)
-    assert all(statistics.fmean(accuracy("irrelevant images", a, kind, n)) >= 0.98
+    assert all(max(accuracy("text only", a, "blank", 64)) < 0.2 for a in kinds)
+    assert all(min(accuracy("irrelevant images", a, kind, n)) >= 0.98
                for a in kinds for kind in ("blank", "noise") for n in (8, 16))
-    for kind, n in (("blank", 64), ("noise", 64), ("noise", 128)):
-        means = {a: statistics.fmean(accuracy("irrelevant images", a, kind, n)) for a in kinds}
-        assert max(means, key=means.get) == "sigma"
-        sigma = accuracy("irrelevant images", "sigma", kind, n)
-        for other in ("standard", "gated", "moda"):
-            differences = [x - y for x, y in zip(sigma, accuracy("irrelevant images", other, kind, n))]
-            assert len(differences) == 3 and stats.paired_sign_flip_p(differences) >= 0.25
-            if other == "moda":                    # ahead on every seed at 64 blank and 128 noise, 1 of 3 at 64 noise
-                assert sum(d > 0 for d in differences) == (1 if (kind, n) == ("noise", 64) else 3)
-    # MODA's parts: each part off keeps less at 128 noise; the released form fails at captioning.
-    moda_128 = statistics.fmean(accuracy("irrelevant images", "moda", "noise", 128))
-    for variant in ("moda, alignment off", "moda, pseudo-logit off"):
-        assert statistics.fmean(accuracy("irrelevant images", variant, "noise", 128)) < moda_128
+    robustness = [c for c in compared if c["metric"] != "caption EM"]
+    assert len(robustness) == 12 and all(c["significant"] and c["a_higher"] >= 8 for c in robustness)
+    assert not any(c["significant"] for c in compared if c["metric"] == "caption EM")
+    sigma_parts = {(c["a"], c["metric"]) for c in parts["SIGMA"] if c["significant"]}
+    assert sigma_parts == {("0 intra heads", "128 noise"), ("1 intra head", "128 noise")}
+    moda_parts = {(c["a"], c["metric"]) for c in parts["MODA"] if c["significant"]}
+    assert moda_parts == {("moda as released", "caption EM"), ("moda as released", "128 noise")}
     released = [m["caption_exact_match"] for m in metrics if m["variant"] == "moda as released"]
-    assert len(released) == 3 and all(0.02 <= em <= 0.05 for em in released)
+    assert len(released) == 10 and max(released) < 0.1
     sigma_runs = [m for m in metrics if m["variant"] == "sigma"]
-    assert {m["train_mix"] for m in sigma_runs} == {"text only", "irrelevant images"}
     for mix in ("text only", "irrelevant images"):   # the global gate on text, without and with 16 image tokens,
         runs = [m for m in sigma_runs if m["train_mix"] == mix]      # per layer, mean over seeds (as the table)
         for layer in range(len(runs[0]["gates"]["expand"])):

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -88,9 +87,10 @@ def jupyterlab(tmp_path_factory):
     (root / "notebooks").mkdir()
     for path in course.course_notebooks(ROOT / "notebooks"):
         course.write(course.solved(course.read(path)), root / "notebooks" / path.name)
+    # What a class gets: stubs, no solutions (nbgrader's release of these is tested equal in test_notebooks.py).
     (root / "notebooks" / "learner").mkdir()
-    for path in course.release(root / "handout"):                      # what a class gets: stubs, no solutions
-        shutil.copy(path, root / "notebooks" / "learner" / path.name)
+    for path in course.course_notebooks(ROOT / "notebooks"):
+        course.write(course.learner_copy(course.read(path)), root / "notebooks" / "learner" / path.name)
     settings = root / "settings"
     # No news / update prompt, and every cell in the DOM (no virtual scrolling) so the test can read them.
     (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)

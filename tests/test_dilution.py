@@ -62,7 +62,7 @@ def test_a_tiny_dilution_run_writes_every_record_and_reuses_its_models(tmp_path,
     assert sigma["streams"][0] == ["intra", "intra", "global", "global"]
     assert all(mass == 0 for layer, streams in zip(sigma["image_mass"], sigma["streams"])
                for mass, s in zip(layer, streams) if s == "intra")          # intra heads never see the images
-    assert (tmp_path / "dilution_curves.png").exists() and "SIGMA minus" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "dilution_curves.png").exists() and "sigma minus standard" in (tmp_path / "results.md").read_text()
     monkeypatch.setattr(T.Trainer, "run", lambda *a, **k: pytest.fail("retrained a finished model"))
     dilution.run_dilution(1, tmp_path, workers=1, progress=False, preset="tiny", text_only_samples=6)
 

@@ -130,7 +130,7 @@ def test_same_seed_same_loss_curve_and_resume_continues_it(tmp_path, optimizer):
     assert resumed.step == 8
     resumed.run(progress=False)
     assert resumed.loss_curve == straight.loss_curve
-    assert resumed.validation_curve == straight.validation_curve and len(straight.validation_curve) == 3
+    assert resumed.validation_curve == straight.validation_curve and len(straight.validation_curve) == 4   # step 0 too
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["checkpoint.pt"]      # no temporary file left
 
 

@@ -48,10 +48,10 @@ __version__ = "0.2.0"
 
 # The core's heavier modules, and the lab's and teaching's under the short names the notebooks use
 # (`sr.experiments` is sigma_ref.lab.experiments), each imported on first use.
-_LAZY_MODULES = {name: name for name in ("moda", "var", "model", "data", "evaluate", "probes", "optim", "train", "stats",
+_LAZY_MODULES = {name: name for name in ("moda", "var", "model", "data", "evaluate", "probes", "optim", "train",
                                          "viz", "widgets", "runtime", "lab", "teaching", "testing")}
 _LAZY_MODULES.update({name: f"lab.{name}" for name in ("experiments", "bench", "lower_bounds", "speedrun",
-                                                       "dilution", "gpucheck", "var_study")})
+                                                       "dilution", "gpucheck", "var_study", "stats")})
 _LAZY_MODULES["course"] = "teaching.course"
 _LAZY_NAMES = {"TinyMLLM": "model", "ModelConfig": "model", "make_attention": "model", "ATTENTIONS": "model",
                "ModaAttention": "moda"}

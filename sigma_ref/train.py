@@ -27,7 +27,7 @@ from . import data as D
 from .attention import AttentionConfig
 from .checks import check_choice, check_int
 from .data import DataStream
-from .evaluate import evaluate, to_device
+from .evaluate import exact_match, to_device
 from .model import ModelConfig, TinyMLLM
 from .optim import Muon
 from .probes import gate_means
@@ -66,7 +66,8 @@ class TrainConfig:
     muon_scope: str = "blocks"         # "blocks", or "blocks+patch": Muon also trains the patch projection
     muon_momentum: float = 0.95
     # Stop early once the validation caption exact match reaches this (None: train all `steps`). Checked every
-    # `target_every` steps on the first `target_samples` validation scenes, with greedy decoding; training stops
+    # `target_every` steps on the first `target_samples` validation scenes (greedy exact match, read in one
+    # teacher-forced pass: evaluate.exact_match); training stops
     # when `target_checks` checks in a row are at or above the target (one check alone can be a lucky draw).
     target_exact_match: float | None = None
     target_every: int = 100
@@ -289,12 +290,12 @@ class Trainer:
             if self.step % self.config.eval_every == 0 or self.step == self.config.steps:
                 self._record_curves(probe_batch, gate_batches)
             if self.config.target_exact_match is not None and self.step % self.config.target_every == 0:
-                exact_match = evaluate(self.model, target_scenes)["exact_match"]
-                self.exact_match_curve.append((self.step, self.train_seconds, exact_match))
-                bar.set_postfix(loss=f"{loss:.3f}", exact_match=f"{exact_match:.3f}")
+                reached = exact_match(self.model, target_scenes)["exact_match"]
+                self.exact_match_curve.append((self.step, self.train_seconds, reached))
+                bar.set_postfix(loss=f"{loss:.3f}", exact_match=f"{reached:.3f}")
                 if rule_fires(self.exact_match_curve, self.config.target_exact_match, self.config.target_checks):
                     self.target_reached = {"step": self.step, "train_seconds": self.train_seconds,
-                                           "exact_match": exact_match}
+                                           "exact_match": reached}
             if self.checkpoint_path and (self.step % self.config.checkpoint_every == 0 or self.step == stop_at
                                          or self.target_reached is not None):
                 save_checkpoint(self.checkpoint_path, self.state())

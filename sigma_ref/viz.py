@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from . import masks as M
-from . import stats
 
 MODEL_COLOURS = {"standard": "#7f7f7f", "gated": "#1f77b4", "sigma": "#d62728", "moda": "#ff7f0e"}
 STREAM_COLOURS = {"intra": "#2ca02c", "global": "#9467bd"}
@@ -254,11 +253,13 @@ def dilution_figure(runs: dict[str, list[dict]], kind: str = "blank") -> plt.Fig
                                  bounds=(0, 1))
 
 
-def dilution_curves_figure(curves: dict, counts, max_train: int) -> plt.Figure:
+def dilution_curves_figure(curves: dict, counts, max_train: int, interval,
+                           band_label: str = "95% bootstrap interval of the mean") -> plt.Figure:
     """curves[(mix, kind)][model] = per-seed lists of accuracy over `counts`; one panel per (mix, kind).
 
-    Each model's line is the mean over seeds and its band the 95% bootstrap interval of that mean (stats.py); the
-    x axis is symlog (0 is a count too); the grey span marks what the irrelevant-images mix trained on.
+    Each model's line is the mean over seeds and its band `interval(values at one count)` -> (low, high), which
+    the lab passes as the 95% bootstrap interval of the mean (lab/stats.py); the x axis is symlog (0 is a count
+    too); the grey span marks what the irrelevant-images mix trained on.
     """
     mixes = sorted({mix for mix, _ in curves}, reverse=True)
     kinds = sorted({kind for _, kind in curves})
@@ -274,7 +275,7 @@ def dilution_curves_figure(curves: dict, counts, max_train: int) -> plt.Figure:
                 seeds = max(seeds, len(per_seed))
                 colour = MODEL_COLOURS.get(model, "k")
                 mean = np.mean(per_seed, axis=0)
-                low, high = zip(*(stats.bootstrap_interval(column) for column in zip(*per_seed)))
+                low, high = zip(*(interval(column) for column in zip(*per_seed)))
                 ax.fill_between(counts, low, high, color=colour, alpha=0.18, linewidth=0)
                 ax.plot(counts, mean, marker="o", markersize=4, color=colour, label=model)
             ax.set_xscale("symlog", linthresh=max(1, counts[1]))
@@ -284,8 +285,8 @@ def dilution_curves_figure(curves: dict, counts, max_train: int) -> plt.Figure:
             ax.set_ylabel("text-only exact match")
             ax.set_title(f"trained on: {mix}")
             ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"Dilution: text-only accuracy with irrelevant image tokens (mean over {seeds} seeds; band: 95% "
-                 "bootstrap interval of the mean)")
+    fig.suptitle(f"Dilution: text-only accuracy with irrelevant image tokens (mean over {seeds} seeds; band: "
+                 f"{band_label})")
     return fig
 
 

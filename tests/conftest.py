@@ -60,7 +60,20 @@ def notebook_runs(tmp_path_factory):
     """Each course notebook executed at most once per session (tests/notebook_runs.py)."""
     from notebook_runs import NotebookRuns
 
-    return NotebookRuns(tmp_path_factory.mktemp("notebook-runs"))
+    runs = NotebookRuns(tmp_path_factory.mktemp("notebook-runs"))
+    _SESSION_NOTEBOOK_RUNS.append(runs)
+    return runs
+
+
+_SESSION_NOTEBOOK_RUNS = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How long each notebook took to execute (fast mode): where the test command's time goes."""
+    for runs in _SESSION_NOTEBOOK_RUNS:
+        terminalreporter.write_sep("-", "notebook executions (fast mode, seconds)")
+        for name, result in runs.results.items():
+            terminalreporter.write_line(f"{result.seconds:7.1f}  {name}")
 
 
 def tiny_config(attention="sigma", **options) -> ModelConfig:

@@ -259,7 +259,7 @@ def test_training_stops_only_after_target_checks_in_a_row(tmp_path, monkeypatch)
     """With target_checks=2 a check at the target is not enough: the next one must be there too; a check below
     it starts the count again."""
     readings = iter([0.9, 0.5, 0.9, 0.95, 0.2])
-    monkeypatch.setattr(T, "evaluate", lambda model, scenes: {"exact_match": next(readings)})
+    monkeypatch.setattr(T, "exact_match", lambda model, scenes: {"exact_match": next(readings)})
     recipe = dataclasses.replace(TINY, steps=50, target_exact_match=0.9, target_every=2, target_samples=4,
                                  target_checks=2)
     trainer = T.Trainer("standard", recipe, seed=0, device="cpu")
@@ -320,3 +320,23 @@ def test_metrics_json_has_every_field(tmp_path, monkeypatch):
     assert set(written["slot_accuracy"]) >= {"size_1", "colour_1", "shape_1"}
     assert written["steps"] == TINY.steps and written["parameters"] == metrics["parameters"] > 0
     assert 0 <= written["caption_exact_match"] <= 1
+
+
+@pytest.fixture(scope="module")
+def half_trained():
+    """SIGMA on the cpu recipe stopped early, where about a third of the captions come out right: exact match
+    has something to tell apart (a model that gets none or all right would agree with any method)."""
+    trainer = T.Trainer("sigma", T.get_preset("cpu").updated(target_exact_match=None), seed=3, device="cpu")
+    trainer.run(stop_at=150, progress=False)
+    return trainer.model.eval()
+
+
+@pytest.mark.parametrize("split,inserted,kind", [("validation", 0, "blank"), ("compositional", 0, "blank"),
+                                                 ("text_only", 16, "noise"), ("text_only", 64, "blank")])
+def test_exact_match_without_decoding_is_greedy_decodings(half_trained, split, inserted, kind):
+    scenes = D.load_split(split)[:150]
+    greedy = E.evaluate(half_trained, scenes, inserted, kind)
+    one_pass = E.exact_match(half_trained, scenes, inserted, kind)
+    if split == "validation":
+        assert 0.1 < greedy["exact_match"] < 0.9          # some captions right, some wrong
+    assert one_pass == {"exact_match": greedy["exact_match"], "loss": greedy["loss"]}

@@ -7,7 +7,7 @@ import statistics
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from sigma_ref import stats
+from sigma_ref.lab import stats
 
 
 def sign_flip_p_by_subset_sums(differences: list[int]) -> float:

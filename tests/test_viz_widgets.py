@@ -10,7 +10,7 @@ import torch
 
 import sigma_ref as sr
 from sigma_ref import viz, widgets
-from sigma_ref.lab import experiments, var_study
+from sigma_ref.lab import experiments, stats, var_study
 
 
 def probe(mass_intra, mass_global, contamination):
@@ -43,10 +43,9 @@ def test_error_bars_stop_at_the_bounds_of_a_share():
 def test_dilution_curves_draw_the_seed_mean_inside_its_bootstrap_band():
     per_seed = [[1.0, 0.8, 0.1], [1.0, 0.6, 0.3], [1.0, 0.7, 0.2]]
     curves = {(mix, kind): {"sigma": per_seed} for mix in ("text only", "irrelevant images") for kind in ("blank", "noise")}
-    fig = viz.dilution_curves_figure(curves, (0, 16, 64), 16)
+    fig = viz.dilution_curves_figure(curves, (0, 16, 64), 16, stats.bootstrap_interval)
     ax = fig.axes[0]
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [1.0, 0.7, 0.2])
-    from sigma_ref import stats
     outline = ax.collections[0].get_paths()[0].vertices                  # the band: lows, then highs
     at_16 = sorted(y for x, y in outline if x == 16)
     assert at_16[0] == pytest.approx(stats.bootstrap_interval([0.8, 0.6, 0.7])[0])
@@ -56,7 +55,6 @@ def test_dilution_curves_draw_the_seed_mean_inside_its_bootstrap_band():
 
 
 def test_differences_figure_draws_each_interval_and_fills_only_what_holm_keeps():
-    from sigma_ref import stats
     compared = stats.with_holm([{"metric": "caption_exact_match", "a": "sigma", "b": "standard",
                                  **stats.paired_comparison([0.9] * 10, [0.8] * 10)},
                                 {"metric": "caption_exact_match", "a": "moda", "b": "standard",

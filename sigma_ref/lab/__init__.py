@@ -8,6 +8,7 @@
     lower_bounds   what SIGMA would cost with an overhead taken away, timed beside it by bench
     speedrun       time to accuracy, the recipe's speedrun log, training threads
     gpucheck       `gpu-check`: every backend against math in bf16, the GPU benchmark, the gpu preset
+    stats          reading a seed spread: summaries with bootstrap intervals, paired tests, Holm's correction
     report         the generated blocks of README.md and docs/ (`report`)
 
 Nothing in the core imports the lab; the lab imports the core, and the CLI (__main__) imports both.

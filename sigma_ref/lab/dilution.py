@@ -33,10 +33,10 @@ import torch
 from .. import data as D
 from .. import probes, viz
 from ..checks import check_choice, check_int
-from ..evaluate import evaluate
+from ..evaluate import exact_match
 from .experiments import ATTENTION_KINDS, comparison_table, differences_figure, run_in_workers
 from ..masks import IMAGE, TEXT
-from .. import stats
+from . import stats
 from ..runtime import TRAINING_THREADS, machine_description, torch_threads, write_atomic
 from ..train import Trainer, get_preset
 
@@ -136,11 +136,11 @@ def _train_and_measure(attention: str, variant: str, overrides: dict, seed: int,
     trainer.run(progress=False)
     model = trainer.model.eval()
     text_only = D.load_split("text_only")[:text_only_samples]
-    measured = {kind: {str(n): evaluate(model, text_only, n, kind) for n in counts} for kind in KINDS}
+    measured = {kind: {str(n): exact_match(model, text_only, n, kind) for n in counts} for kind in KINDS}
     metrics = {**wanted, "variant": variant, "seed": seed, "train_mix": train_mix,
                "max_train_images": MIXES[train_mix], "steps": trainer.step, "train_seconds": trainer.train_seconds,
                "target_reached": trainer.target_reached,
-               "caption_exact_match": evaluate(model, D.load_split("test")[:300])["exact_match"],
+               "caption_exact_match": exact_match(model, D.load_split("test")[:300])["exact_match"],
                "accuracy": {kind: {n: r["exact_match"] for n, r in rows.items()} for kind, rows in measured.items()},
                "loss": {kind: {n: r["loss"] for n, r in rows.items()} for kind, rows in measured.items()},
                "image_mass": irrelevant_image_mass(model, expand_batch(MAX_TRAIN_IMAGES)),
@@ -282,7 +282,8 @@ def ablation_values(metrics: list[dict], count: int, kind: str = "noise") -> dic
 
 def figures(metrics: list[dict], counts) -> dict:
     """{file name: Figure} of a dilution run (viz draws; this picks the data)."""
-    out = {"dilution_curves.png": viz.dilution_curves_figure(accuracy_curves(metrics, counts), counts, MAX_TRAIN_IMAGES)}
+    out = {"dilution_curves.png": viz.dilution_curves_figure(accuracy_curves(metrics, counts), counts, MAX_TRAIN_IMAGES,
+                                                                  stats.bootstrap_interval)}
     compared = comparisons(metrics)
     if compared:
         out["differences.png"] = differences_figure(compared, {}, "SIGMA minus each attention, trained with "

@@ -23,11 +23,12 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from .. import probes, stats, viz
+from .. import probes, viz
 from ..model import ATTENTIONS
 from ..checks import check_int
 from ..evaluate import evaluate_all, load_model
 from ..runtime import TRAINING_THREADS, cpu_cores, machine_description, torch_threads, write_atomic
+from . import stats
 from ..train import TrainConfig, Trainer, checkpoint_config, get_preset
 
 ATTENTION_KINDS = tuple(ATTENTIONS)          # every kind the package defines (model.ATTENTIONS)

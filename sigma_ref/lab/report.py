@@ -22,7 +22,7 @@ import re
 import statistics
 from pathlib import Path
 
-from .. import stats
+from . import stats
 from .bench import Table
 from .dilution import ABLATIONS, MODA_ABLATIONS, load_metrics
 from .experiments import ATTENTION_KINDS
@@ -239,7 +239,7 @@ def speedrun_figures(results: Path) -> str:
 # -- the package map: each module's own first sentence, in import order -------------------------------------
 
 PACKAGE = ROOT / "sigma_ref"
-MAP_ORDER = ("checks", "runtime", "stats", "masks", "kernels/", "attention", "moda", "model", "data", "evaluate", "probes",
+MAP_ORDER = ("checks", "runtime", "masks", "kernels/", "attention", "moda", "model", "data", "evaluate", "probes",
              "var", "optim", "train", "viz", "widgets", "lab/", "teaching/", "testing/", "hf/")
 
 

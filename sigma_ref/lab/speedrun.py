@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .bench import Table, interleaved_medians
 from ..data import DataStream
 from .. import data as D
-from ..evaluate import evaluate
+from ..evaluate import exact_match
 from .experiments import ATTENTION_KINDS, default_workers, run_in_workers
 from ..runtime import TRAINING_THREADS, torch_threads
 from ..attention import AttentionConfig
@@ -70,8 +70,8 @@ def _time_to_target(job: dict) -> dict:
     with torch_threads(TRAINING_THREADS):
         trainer = Trainer(job["attention"], job["config"], job["seed"], device="cpu")
         trainer.run(progress=False)
-        caption = evaluate(trainer.model, D.load_split("test")[:500])["exact_match"]
-        compositional = evaluate(trainer.model, D.load_split("compositional"))["exact_match"]
+        caption = exact_match(trainer.model, D.load_split("test")[:500])["exact_match"]
+        compositional = exact_match(trainer.model, D.load_split("compositional"))["exact_match"]
     reached = first_firing(trainer.exact_match_curve, job["measure"], trainer.config.target_checks)
     return {"attention": job["attention"], "seed": job["seed"], "reached": reached is not None,
             "step": reached[0] if reached else trainer.step,
@@ -150,10 +150,10 @@ def _check_curve(job: dict) -> dict:
         checks = []
         for step in range(job["first"], config.steps + 1, job["every"]):
             trainer.run(stop_at=step, progress=False)
-            first, rest = (evaluate(trainer.model, part)["exact_match"] for part in (validation[:200], validation[200:]))
+            first, rest = (exact_match(trainer.model, part)["exact_match"] for part in (validation[:200], validation[200:]))
             checks.append({"step": step, "train_seconds": trainer.train_seconds,
                            "validation_200": first, "validation_300": (200 * first + 100 * rest) / 300,
-                           "test": evaluate(trainer.model, test)["exact_match"]})
+                           "test": exact_match(trainer.model, test)["exact_match"]})
     return {"attention": job["attention"], "seed": job["seed"], "checks": checks}
 
 

@@ -27,7 +27,7 @@ import itertools
 import random
 import statistics
 
-from .checks import check_int
+from ..checks import check_int
 
 BOOTSTRAP_RESAMPLES = 10_000
 EXACT_FLIPS_UP_TO = 16           # seeds; above it the sign-flip test draws FLIP_DRAWS random flips instead

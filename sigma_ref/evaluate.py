@@ -87,7 +87,12 @@ def exact_match(model: TinyMLLM, scenes: list[dict], inserted: int = 0, kind: st
     that computes the loss) therefore gives the same exact match as generate(), up to exact ties in the
     arg-max, at a fraction of the cost: the stopping rule checks 300 scenes every 25 steps with it. What it
     cannot give is what a wrong caption looks like (slot accuracies, examples): evaluate() decodes for those.
+    Nor can it read a model whose attention is being edited (VAR, var.redistributing): the edit finds its sinks
+    at the prefill, which here would hold the caption too, so it would differ from decoding.
     """
+    if any(block.attn.probs_edit is not None for block in model.blocks):
+        raise ValueError("exact_match: the model's attention is being edited (probs_edit is set, e.g. inside "
+                         "var.redistributing); expected a plain model: use evaluate(), which decodes")
     model.eval()
     device = next(model.parameters()).device
     examples, chunks = encoded_chunks(scenes, inserted, kind, batch_size)

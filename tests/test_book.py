@@ -79,7 +79,7 @@ def test_book_shows_every_notebook_with_its_figures(notebook_runs, chromium_page
 def test_book_builder_executes_notebooks_itself(chromium_page, tmp_path, monkeypatch):
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
-    source = ROOT / "notebooks" / "01_masks.ipynb"
+    source = ROOT / "notebooks" / "00_the_latte_problem.ipynb"
     (notebooks / source.name).write_bytes(source.read_bytes())
     monkeypatch.setenv("SIGMA_FAST", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")

@@ -13,7 +13,7 @@ import sigma_ref as sr
 from sigma_ref import data, evaluate, var
 from sigma_ref.model import TinyMLLM
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_model
 
 WORKED_ROW = torch.tensor([0.30, 0.10, 0.05, 0.25, 0.20, 0.10])            # text sink, 2 text, visual sink, 2 image
 WORKED_IMAGE = torch.tensor([[False, False, False, True, True, True]])
@@ -218,3 +218,15 @@ def test_the_var_study_runs_on_a_tiny_compare_run_and_writes_its_results(tmp_pat
     assert (tmp_path / "out" / "phi_distributions.png").exists() and "recur on every seed" in (tmp_path / "out" / "results.md").read_text()
     with pytest.raises(ValueError, match="runs: no checkpoint at"):
         var_study.run_var_study(tmp_path / "nowhere", 1, tmp_path / "out2", workers=1, progress=False)
+
+
+def test_exact_match_without_decoding_refuses_a_model_under_var():
+    """Under VAR the sinks are found at the prefill; a teacher-forced pass would find them among the caption's
+    tokens too, which decoding never does, so exact_match refuses and evaluate() (which decodes) is the way."""
+    model = tiny_model("sigma")
+    scenes = data.load_split("validation")[:4]
+    with var.redistributing(model, [0, 1], tau=0.5, layers=[1]):
+        with pytest.raises(ValueError, match="probs_edit"):
+            evaluate.exact_match(model, scenes)
+        evaluate.evaluate(model, scenes)
+    assert evaluate.exact_match(model, scenes)["exact_match"] == evaluate.evaluate(model, scenes)["exact_match"]

@@ -31,7 +31,7 @@ import torch
 from .. import data as D
 from .. import probes, var
 from ..checks import check_int
-from ..evaluate import evaluate, exact_match, load_model
+from ..evaluate import evaluate, load_model
 from ..masks import IMAGE, TEXT
 from ..runtime import TRAINING_THREADS, machine_description, torch_threads, write_atomic
 from .dilution import KINDS, MIXES, _slug
@@ -136,7 +136,7 @@ def _study_dilution_model(job: dict) -> dict:
         report = sink_report(model, probe_batch(), job["tau"])
         report.pop("sinks")
         text_only = D.load_split("text_only")[:TEXT_ONLY_SCENES]
-        measure = lambda: {f"{kind} {n}": exact_match(model, text_only, n, kind)["exact_match"] for kind in KINDS for n in INSERTED}
+        measure = lambda: {f"{kind} {n}": evaluate(model, text_only, n, kind)["exact_match"] for kind in KINDS for n in INSERTED}
         plain, applied = measure(), {}
         for p, rho in GRID:
             with var.redistributing(model, report["dims"], job["tau"], p=p, rho=rho, layers=[len(model.blocks) - 1]):

@@ -2,6 +2,7 @@
 
 import json
 import re
+import statistics
 import subprocess
 import tomllib
 from pathlib import Path
@@ -153,10 +154,11 @@ def test_readings_hold_on_the_committed_dilution_run():
 
 def test_readings_hold_on_the_committed_var_run():
     """No sinks: no massive dimension, nothing recurs across seeds, the flagged tokens fail the paper's tests;
-    VAR moves caption exact match by at most 0.01 and a text-only accuracy by at most 0.03."""
+    VAR moves no mean by more than half a point, caption exact match by at most two captions in a hundred and a
+    text-only accuracy by at most five answers in a hundred (docs/RESULTS.md)."""
     study = json.loads((ROOT / "results" / "var" / "results.json").read_text())
     compare = study["compare"]
-    assert {s["attention"] for s in compare} == {"standard", "gated", "sigma", "moda"} and study["seeds"] == [0, 1, 2]
+    assert {s["attention"] for s in compare} == {"standard", "gated", "sigma", "moda"} and study["seeds"] == list(range(10))
     assert all(s["strongest_over_median"] < 3 and s["phi_max"] < 8 for s in compare)
     for attention in {s["attention"] for s in compare}:
         assert not set.intersection(*(set(s["dims"]) for s in compare if s["attention"] == attention))
@@ -165,7 +167,12 @@ def test_readings_hold_on_the_committed_var_run():
     assert sum(t["contribution"]["sinks"] > t["contribution"]["other image"] for t in tested) > len(tested) / 2
     assert sum(t["caption_loss"]["sinks knocked out"] > t["caption_loss"]["as many random image tokens knocked out"]
                for t in tested) > len(tested) / 2
-    assert all(abs(v["exact_match"] - s["caption"]["plain"]["exact_match"]) <= 0.01 + 1e-9
+    assert all(abs(v["exact_match"] - s["caption"]["plain"]["exact_match"]) <= 0.02 + 1e-9
                for s in compare for v in s["caption"]["var"].values())
-    assert len(study["dilution"]) == 24 and all(abs(v[k] - r["text_only"]["plain"][k]) <= 0.03 + 1e-9
+    for attention in {s["attention"] for s in compare}:
+        runs = [s["caption"] for s in compare if s["attention"] == attention]
+        plain = statistics.mean(r["plain"]["exact_match"] for r in runs)
+        assert all(abs(statistics.mean(r["var"][cell]["exact_match"] for r in runs) - plain) <= 0.005 + 1e-9
+                   for cell in runs[0]["var"])
+    assert len(study["dilution"]) == 80 and all(abs(v[k] - r["text_only"]["plain"][k]) <= 0.05 + 1e-9
                                                 for r in study["dilution"] for v in r["text_only"]["var"].values() for k in v)

@@ -49,3 +49,18 @@ def test_write_atomic_leaves_the_old_file_when_the_writer_fails(tmp_path):
     with pytest.raises(OSError):
         runtime.write_atomic(path, broken)
     assert path.read_text() == "old"
+
+
+@pytest.mark.parametrize("idle_share,expected", [(1.0, 2), (0.5, 1), (0.05, 1), (0.8, 2)])
+def test_idle_cores_counts_the_cores_other_programs_leave_free(monkeypatch, idle_share, expected):
+    """Two CPUs over one interval: all idle -> 2, one held by another program -> 1, both busy -> still 1."""
+    readings = iter([(0, 0, 2), (int(idle_share * 200), 200, 2)])      # (idle, total) jiffies and the CPU count
+    monkeypatch.setattr(runtime, "_cpu_jiffies", lambda: next(readings))
+    monkeypatch.setattr(runtime, "cpu_cores", lambda: 2)
+    assert runtime.idle_cores(interval=0) == expected
+
+
+def test_idle_cores_on_this_machine_is_between_one_and_its_cores():
+    assert 1 <= runtime.idle_cores(interval=0.05) <= runtime.cpu_cores()
+    jiffies = runtime._cpu_jiffies()
+    assert jiffies is None or (jiffies[2] >= 1 and 0 <= jiffies[0] <= jiffies[1])

@@ -27,7 +27,7 @@ from .. import probes, viz
 from ..model import ATTENTIONS
 from ..checks import check_int
 from ..evaluate import evaluate_all, load_model
-from ..runtime import TRAINING_THREADS, cpu_cores, machine_description, torch_threads, write_atomic
+from ..runtime import TRAINING_THREADS, idle_cores, machine_description, torch_threads, write_atomic
 from . import stats
 from ..train import TrainConfig, Trainer, checkpoint_config, get_preset
 
@@ -89,14 +89,15 @@ def _train_job(job: dict) -> dict:
 
 
 def default_workers(jobs: int) -> int:
-    """Processes that train side by side: one per core on a CPU (one thread each), one on a GPU."""
+    """Processes that train side by side: one per core that other programs leave idle on a CPU (one thread
+    each), one on a GPU."""
     if torch.cuda.is_available():
         return 1
-    return max(1, min(jobs, cpu_cores() // TRAINING_THREADS))
+    return max(1, min(jobs, idle_cores() // TRAINING_THREADS))
 
 
 def run_in_workers(function, jobs: list, workers: int | None = None, desc: str = "runs", progress: bool = True) -> list:
-    """[function(job) for job in jobs], `workers` processes at a time (default: one per core), results in job
+    """[function(job) for job in jobs], `workers` processes at a time (default: default_workers), results in job
     order. Each worker is a fresh ("spawn") interpreter, safe under Jupyter and with torch's thread pools, so
     `function` must be a module-level function. One worker (or one job) runs in this process instead."""
     workers = default_workers(len(jobs)) if workers is None else workers
@@ -118,9 +119,11 @@ def ensure_trained(preset: str, seeds, out_dir: str | Path, attentions=ATTENTION
     """
     config = get_preset(preset).updated(backend=backend)
     finished, jobs = {}, []
-    for attention in attentions:
-        wanted = config.updated(attention=attention).as_dict()
-        for seed in seeds:
+    # Seed by seed, so that the attentions whose steps cost more (MODA's about twice) are spread over the run
+    # instead of left together at its end, where one worker would train them while the other waits.
+    for seed in seeds:
+        for attention in attentions:
+            wanted = config.updated(attention=attention).as_dict()
             path = run_dir(out_dir, attention, seed)
             metrics = _read_metrics(path / "metrics.json")
             if metrics is not None and metrics.get("preset") == preset and metrics.get("config") == wanted:

@@ -39,6 +39,8 @@ def prompt_of(example: D.Example) -> D.Example:
 def encoded_chunks(scenes: list[dict], inserted: int, kind: str, batch_size: int):
     """The scenes encoded (image tokens inserted with a fixed generator, so every evaluation sees the same ones),
     and chunks of at most `batch_size` indices whose prompts have one length (generate() needs that)."""
+    if not scenes:
+        raise ValueError("scenes: expected at least one scene to evaluate, got none")
     generator = torch.Generator().manual_seed(0)
     examples = [D.encode(s, inserted, kind, generator) for s in scenes]
     by_length: dict[int, list[int]] = {}

@@ -45,3 +45,9 @@ def test_model_config_needs_the_tokenizer_facts():
         ModelConfig(attention="sigma")
     config = ModelConfig(vocab_size=100, pad_id=0, eos_id=1, answer_id=2)    # any vocabulary, not the toy one
     assert TinyMLLM(config).lm_head.out_features == 100
+
+
+@pytest.mark.parametrize("read", [sr.evaluate.evaluate, sr.evaluate.exact_match])
+def test_evaluating_no_scenes_says_so(read):
+    with pytest.raises(ValueError, match="scenes: expected at least one scene"):
+        read(tiny_model(), [])

@@ -1,6 +1,7 @@
 """Shared hypothesis strategies and helpers for the tests."""
 
 import os
+from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest
@@ -57,23 +58,48 @@ def close_figures():
 
 @pytest.fixture(scope="session")
 def notebook_runs(tmp_path_factory):
-    """Each course notebook executed at most once per session (tests/notebook_runs.py)."""
+    """Each course notebook executed at most once per session (tests/notebook_runs.py), across all workers:
+    under pytest-xdist each worker's base directory sits in the session's, which they share."""
     from notebook_runs import NotebookRuns
 
-    runs = NotebookRuns(tmp_path_factory.mktemp("notebook-runs"))
-    _SESSION_NOTEBOOK_RUNS.append(runs)
-    return runs
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    workdir = shared / "notebook-runs"
+    workdir.mkdir(exist_ok=True)
+    return NotebookRuns(workdir)
 
 
-_SESSION_NOTEBOOK_RUNS = []
+def pytest_collection_modifyitems(items):
+    """How `pytest -n` (pytest-xdist with --dist loadgroup --no-loadscope-reorder, as course.sh runs it) spreads
+    the tests. Each test file is one group, on one worker, so module and session fixtures (a JupyterLab server, a
+    trained model) are built once; each notebook is a group of its own, so the longest tests spread over the
+    workers, and those groups go first. The book test, which needs every notebook, goes last and finds them
+    executed. A worker takes the next group when it has finished one."""
+    def group(item) -> tuple[int, str]:
+        path = item.callspec.params.get("path") if hasattr(item, "callspec") else None
+        if "notebook_runs" not in item.fixturenames:
+            return 1, item.path.name
+        return (0, f"notebook-{path.stem}") if isinstance(path, Path) else (2, f"all-notebooks-{item.name}")
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)[1]))
+    items.sort(key=lambda item: group(item)[0])
 
 
 def pytest_terminal_summary(terminalreporter):
-    """How long each notebook took to execute (fast mode): where the test command's time goes."""
-    for runs in _SESSION_NOTEBOOK_RUNS:
+    """How long each notebook took to execute (fast mode): where the test command's time goes. Read from the
+    reports (the `seconds` property of test_notebook_runs_in_fast_mode), which reach this process from every
+    xdist worker."""
+    seconds = {}
+    for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", []):
+        if "test_notebook_runs_in_fast_mode" in getattr(report, "nodeid", "") and report.when == "call":
+            seconds.update({report.nodeid.split("[")[-1].rstrip("]"): value
+                            for name, value in report.user_properties if name == "seconds"})
+    if seconds:
         terminalreporter.write_sep("-", "notebook executions (fast mode, seconds)")
-        for name, result in runs.results.items():
-            terminalreporter.write_line(f"{result.seconds:7.1f}  {name}")
+        for name in sorted(seconds):
+            terminalreporter.write_line(f"{seconds[name]:7.1f}  {name}")
 
 
 def tiny_config(attention="sigma", **options) -> ModelConfig:

@@ -1,7 +1,9 @@
 """Running the course notebooks in tests: each one once per session, solved, with its exercise probed.
 
 `NotebookRuns.get(path)` executes a notebook through nbmake (fast mode, MPLBACKEND=Agg) and caches the result,
-so the notebook tests, the exercise tests and the book test share one execution per notebook.
+so the notebook tests, the exercise tests and the book test share one execution per notebook. The cache is a
+directory that every pytest-xdist worker of the session shares: a lock per notebook makes the first worker that
+asks execute it and any other wait for its result, so a notebook runs once however the tests are spread.
 
 What runs is the notebook with its solution in the exercise cell (sigma_ref.teaching.course.solved), plus probe cells
 appended at the end: for the stub, two plausible wrong answers (tests/wrong_answers.py) and the solution, each
@@ -15,6 +17,7 @@ until the same deadline, which is the fix proposed in jupyter/nbclient#311.
 
 import asyncio
 import json
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ import pytest
 from nbclient.client import NotebookClient, timestamp
 from nbclient.exceptions import CellTimeoutError
 from nbclient.util import ensure_async
+from filelock import FileLock
 from nbmake.nb_run import NotebookRun
 
 from sigma_ref.teaching import course
@@ -115,15 +119,20 @@ class NotebookResult:
 
 
 class NotebookRuns:
-    """Each course notebook executed at most once per test session (see the module's docstring)."""
+    """Each course notebook executed at most once per test session (see the module's docstring). `workdir` is
+    shared by the session's workers: it holds each notebook's executed copy, its result and its lock."""
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.results: dict[str, NotebookResult] = {}
+        self.results: dict[str, NotebookResult] = {}      # this process's copies of the results
 
     def get(self, path: Path) -> NotebookResult:
         if path.name not in self.results:
-            self.results[path.name] = self._run(path)
+            stored = self.workdir / f"{path.name}.result.pickle"
+            with FileLock(self.workdir / f"{path.name}.lock"):
+                if not stored.exists():
+                    stored.write_bytes(pickle.dumps(self._run(path)))
+            self.results[path.name] = pickle.loads(stored.read_bytes())
         return self.results[path.name]
 
     def _run(self, path: Path) -> NotebookResult:

@@ -70,21 +70,31 @@ def notebook_runs(tmp_path_factory):
     return NotebookRuns(workdir)
 
 
+def _reuses_trained_models(path: Path) -> bool:
+    """A notebook that loads the course's trained models (experiments.ensure_trained) and is not the first to."""
+    users = [p for p in sorted(path.parent.glob("[0-9][0-9]_*.ipynb")) if "ensure_trained(" in p.read_text()]
+    return path in users[1:]
+
+
 def pytest_collection_modifyitems(items):
     """How `pytest -n` (pytest-xdist with --dist loadgroup --no-loadscope-reorder, as course.sh runs it) spreads
-    the tests. Each test file is one group, on one worker, so module and session fixtures (a JupyterLab server, a
-    trained model) are built once; each notebook is a group of its own, so the longest tests spread over the
-    workers, and those groups go first. The book test, which needs every notebook, goes last and finds them
-    executed. A worker takes the next group when it has finished one."""
+    the tests; a worker takes the next group when it has finished one. Each test file is one group, on one
+    worker, so module and session fixtures (a JupyterLab server, a trained model) are built once; each notebook
+    is a group of its own, so the longest tests spread over the workers. Order: the notebooks first, except
+    those that reuse the models an earlier notebook trains (they go after the files, by when those models are
+    there; meanwhile they would wait on the training lock); the book test, which needs every notebook, last."""
     def group(item) -> tuple[int, str]:
         path = item.callspec.params.get("path") if hasattr(item, "callspec") else None
         if "notebook_runs" not in item.fixturenames:
             return 1, item.path.name
-        return (0, f"notebook-{path.stem}") if isinstance(path, Path) else (2, f"all-notebooks-{item.name}")
+        if isinstance(path, Path):
+            return 2 if _reuses_trained_models(path) else 0, f"notebook-{path.stem}"
+        return 3, f"all-notebooks-{item.name}"
 
+    groups = {item.nodeid: group(item) for item in items}
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)[1]))
-    items.sort(key=lambda item: group(item)[0])
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid][1]))
+    items.sort(key=lambda item: groups[item.nodeid][0])
 
 
 def pytest_terminal_summary(terminalreporter):

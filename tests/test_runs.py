@@ -60,3 +60,32 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path, monkeypatch):
     (tmp_path / "checkpoint.pt").rename(run / "checkpoint.pt")
     metrics = X.ensure_trained("tiny", [0], tmp_path / "runs", attentions=["sigma"], progress=False)["sigma"][0]
     assert metrics["loss_curve"][0][0] == 1 and (run / "checkpoint.pt.stale").exists()
+
+
+def test_a_second_caller_waits_for_the_models_instead_of_training_them_again(tmp_path, monkeypatch):
+    """Two notebooks asking for the same models at once (two threads here): one trains, the other waits on the
+    directory's lock and reuses what the first wrote."""
+    import threading
+    import time
+
+    monkeypatch.setitem(T.PRESETS, "tiny", TINY)
+    trained, original = [], X.train_and_evaluate
+
+    def slow_training(**job):            # a window in which the other caller looks for the same run
+        trained.append(job["seed"])
+        time.sleep(1.0)
+        return original(**job)
+
+    monkeypatch.setattr(X, "train_and_evaluate", slow_training)
+    results = [None, None]
+
+    def call(i):
+        results[i] = X.ensure_trained("tiny", [0], tmp_path / "runs", attentions=["gated"], progress=False, workers=1)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert trained == [0]
+    assert results[0]["gated"][0]["loss_curve"] == results[1]["gated"][0]["loss_curve"]

@@ -8,7 +8,9 @@ its last checkpoint, and a run of another recipe is started afresh, never mixed.
 atomically, so an interrupted write never leaves a truncated file behind.
 
 What is missing trains in parallel: one worker process per CPU core, one thread each (runtime.py says why),
-or one process on a GPU.
+or one process on a GPU. One process at a time trains into a directory (a lock file in it): a second notebook
+that asks for the same models while the first trains them waits, then reuses them, instead of training them
+again beside it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from .. import probes, viz
@@ -118,6 +121,20 @@ def ensure_trained(preset: str, seeds, out_dir: str | Path, attentions=ATTENTION
     What is missing trains in `workers` processes (default: default_workers), each with TRAINING_THREADS.
     """
     config = get_preset(preset).updated(backend=backend)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(Path(out_dir) / ".training.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"another process is training into {out_dir}; waiting for it to finish, then reusing its models")
+        lock.acquire()
+    try:
+        return _ensure_trained(preset, config, seeds, out_dir, attentions, progress, workers)
+    finally:
+        lock.release()
+
+
+def _ensure_trained(preset, config, seeds, out_dir, attentions, progress, workers) -> dict[str, list[dict]]:
     finished, jobs = {}, []
     # Seed by seed, so that the attentions whose steps cost more (MODA's about twice) are spread over the run
     # instead of left together at its end, where one worker would train them while the other waits.

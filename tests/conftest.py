@@ -76,6 +76,7 @@ def _reuses_trained_models(path: Path) -> bool:
     return path in users[1:]
 
 
+@pytest.hookimpl(tryfirst=True)           # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(items):
     """How `pytest -n` (pytest-xdist with --dist loadgroup --no-loadscope-reorder, as course.sh runs it) spreads
     the tests; a worker takes the next group when it has finished one. Each test file is one group, on one

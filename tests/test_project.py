@@ -4,6 +4,7 @@ import json
 import re
 import statistics
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -58,6 +59,37 @@ def test_ci_runs_in_a_venv_with_a_busy_core_and_the_test_command_installs_the_re
     course = (ROOT / "course.sh").read_text()
     assert 'import torch' in course and "torch==2.13.0" in course and "chromium" in course
 
+
+
+def test_the_test_command_keeps_each_test_file_on_one_worker(tmp_path):
+    """course.sh runs pytest on xdist workers with this conftest's groups (a file's tests on one worker, which
+    builds its module fixtures once). pytest 9.2 with pytest-xdist 3.8 lost the groups without a word
+    (pytest-dev/pytest-xdist#1386): two small files, run as course.sh runs them, must each stay on one worker."""
+    options = re.search(r'-m pytest (.+?) "\$@"', (ROOT / "course.sh").read_text()).group(1).split()
+    assert "loadgroup" in options
+    (tmp_path / "conftest.py").write_text(        # the course's conftest, loaded under another module name
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('course_conftest', {str(ROOT / 'tests' / 'conftest.py')!r})\n"
+        "course = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(course)\n"
+        "pytest_collection_modifyitems = course.pytest_collection_modifyitems\n")
+    for name in ("a", "b"):
+        (tmp_path / f"test_{name}.py").write_text(
+            "import os, pytest, time\n\n"
+            "@pytest.mark.parametrize('i', range(4))\n"
+            "def test_worker(i, record_property):\n"
+            "    time.sleep(0.2)\n"
+            "    print('WORKER', __name__, os.environ.get('PYTEST_XDIST_WORKER'))\n")
+    command = [sys.executable, "-m", "pytest", *options, "-p", "no:cacheprovider", "-rA", "-q", str(tmp_path)]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    workers = {}
+    for line in run.stdout.splitlines():
+        if line.startswith("WORKER "):
+            _, module, worker = line.split()
+            workers.setdefault(module, set()).add(worker)
+    assert set(workers) == {"test_a", "test_b"}, run.stdout[-3000:]
+    assert all(len(seen) == 1 for seen in workers.values()), workers
 
 from sigma_ref import stats  # noqa: E402
 from sigma_ref.lab import dilution, experiments, report  # noqa: E402  (after the helpers above, which need no package)

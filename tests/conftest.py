@@ -1,6 +1,8 @@
 """Shared hypothesis strategies and helpers for the tests."""
 
+import functools
 import os
+import re
 from pathlib import Path
 
 import hypothesis.strategies as st
@@ -70,10 +72,11 @@ def notebook_runs(tmp_path_factory):
     return NotebookRuns(workdir)
 
 
-def _reuses_trained_models(path: Path) -> bool:
-    """A notebook that loads the course's trained models (experiments.ensure_trained) and is not the first to."""
-    users = [p for p in sorted(path.parent.glob("[0-9][0-9]_*.ipynb")) if "ensure_trained(" in p.read_text()]
-    return path in users[1:]
+@functools.cache
+def _notebooks_reusing_trained_models(folder: Path) -> frozenset[Path]:
+    """The notebooks that load the course's trained models (experiments.ensure_trained), except the first."""
+    users = [p for p in sorted(folder.glob("[0-9][0-9]_*.ipynb")) if "ensure_trained(" in p.read_text()]
+    return frozenset(users[1:])
 
 
 @pytest.hookimpl(tryfirst=True)           # before xdist's own hook, which reads the groups
@@ -89,7 +92,7 @@ def pytest_collection_modifyitems(items):
         if "notebook_runs" not in item.fixturenames:
             return 1, item.path.name
         if isinstance(path, Path):
-            return 2 if _reuses_trained_models(path) else 0, f"notebook-{path.stem}"
+            return 2 if path in _notebooks_reusing_trained_models(path.parent) else 0, f"notebook-{path.stem}"
         return 3, f"all-notebooks-{item.name}"
 
     groups = {item.nodeid: group(item) for item in items}
@@ -105,7 +108,7 @@ def pytest_terminal_summary(terminalreporter):
     seconds = {}
     for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", []):
         if "test_notebook_runs_in_fast_mode" in getattr(report, "nodeid", "") and report.when == "call":
-            seconds.update({report.nodeid.split("[")[-1].rstrip("]"): value
+            seconds.update({re.search(r"\[(.+?)\]", report.nodeid).group(1): value
                             for name, value in report.user_properties if name == "seconds"})
     if seconds:
         terminalreporter.write_sep("-", "notebook executions (fast mode, seconds)")

@@ -225,13 +225,16 @@ def test_dense_mask_reuse_never_serves_a_stale_mask():
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu autograd Function", "composition (CUDA's path)"])
-def test_packed_path_with_every_token_padding(fused):
+@pytest.mark.parametrize("num_intra_heads", [2, 3])
+def test_packed_path_with_every_token_padding(fused, num_intra_heads):
     """A batch that is all padding has no segment to pack: zeros out and zero gradients (the composition
-    once raised an index_select error here)."""
+    once raised an index_select error here, and with every head intra once returned zeros outside the graph,
+    so that asking for their gradients raised, where `math` gives zeros)."""
     ids = torch.tensor([[0, 1, 1]])
     q, k, v = random_qkv(ids, heads=3, requires_grad=True)
     with mock.patch.object(kernels.packed, "fused_supported", lambda q: fused):
-        out, _ = sr.sigma_attention(q, k, v, ids, 2, backend="packed", valid=torch.zeros(1, 3, dtype=torch.bool))
+        out, _ = sr.sigma_attention(q, k, v, ids, num_intra_heads, backend="packed",
+                                    valid=torch.zeros(1, 3, dtype=torch.bool))
         grads = torch.autograd.grad(out.square().sum() + out.sum(), (q, k, v))
     assert (out == 0).all() and all((g == 0).all() for g in grads)
 

@@ -213,8 +213,9 @@ def sigma_packed_attention(q, k, v, layout: GroupLayout, num_intra_heads: int):
     if plan.source.numel():
         packed = F.scaled_dot_product_attention(*(_pack(t[:, :h], plan) for t in (q, k, v)), is_causal=True)
         streams = [_unpack(packed, plan)]                                      # [B, S, h, d]
-    else:                                          # every token is padding: no segment, and zeros out
-        streams = [q.new_zeros(q.shape[0], q.shape[2], h, q.shape[3])]
+    else:                 # every token is padding: no segment, and zeros out, still computed from q, k and v
+        # so that autograd gives them zero gradients (as `math` does) even when every head is intra
+        streams = [(q[:, :h] + k[:, :h] + v[:, :h]).transpose(1, 2) * 0]          # [B, S, h, d]
     if h < heads:
         streams.append(F.scaled_dot_product_attention(q[:, h:], k[:, h:], v[:, h:], is_causal=True).transpose(1, 2))
     out = torch.cat(streams, dim=2) if len(streams) > 1 else streams[0]

@@ -66,7 +66,8 @@ case "${1:-}" in
         setup_browser
         shift
         # Tests run in parallel, one pytest-xdist worker per core (at most 4); tests/conftest.py groups them
-        # (a file per worker, a notebook per worker). `bash course.sh test -n 0` runs them in one process.
+        # (each file's tests on one worker, each notebook a group of its own). `bash course.sh test -n 0` runs
+        # them in one process.
         exec "$PYTHON" -m pytest -n auto --maxprocesses 4 --dist loadgroup --no-loadscope-reorder "$@"
         ;;
     book)

@@ -60,7 +60,6 @@ def test_ci_runs_in_a_venv_with_a_busy_core_and_the_test_command_installs_the_re
     assert 'import torch' in course and "torch==2.13.0" in course and "chromium" in course
 
 
-
 def test_the_test_command_keeps_each_test_file_on_one_worker(tmp_path):
     """course.sh runs pytest on xdist workers with this conftest's groups (a file's tests on one worker, which
     builds its module fixtures once). pytest 9.2 with pytest-xdist 3.8 lost the groups without a word
@@ -77,7 +76,7 @@ def test_the_test_command_keeps_each_test_file_on_one_worker(tmp_path):
         (tmp_path / f"test_{name}.py").write_text(
             "import os, pytest, time\n\n"
             "@pytest.mark.parametrize('i', range(4))\n"
-            "def test_worker(i, record_property):\n"
+            "def test_worker(i):\n"
             "    time.sleep(0.2)\n"
             "    print('WORKER', __name__, os.environ.get('PYTEST_XDIST_WORKER'))\n")
     command = [sys.executable, "-m", "pytest", *options, "-p", "no:cacheprovider", "-rA", "-q", str(tmp_path)]
@@ -90,6 +89,7 @@ def test_the_test_command_keeps_each_test_file_on_one_worker(tmp_path):
             workers.setdefault(module, set()).add(worker)
     assert set(workers) == {"test_a", "test_b"}, run.stdout[-3000:]
     assert all(len(seen) == 1 for seen in workers.values()), workers
+
 
 from sigma_ref import stats  # noqa: E402
 from sigma_ref.lab import dilution, experiments, report  # noqa: E402  (after the helpers above, which need no package)

@@ -1,6 +1,8 @@
 """Training runs on disk: resumed after a crash, the same in parallel workers, refused for another recipe."""
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -65,9 +67,6 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path, monkeypatch):
 def test_a_second_caller_waits_for_the_models_instead_of_training_them_again(tmp_path, monkeypatch):
     """Two notebooks asking for the same models at once (two threads here): one trains, the other waits on the
     directory's lock and reuses what the first wrote."""
-    import threading
-    import time
-
     monkeypatch.setitem(T.PRESETS, "tiny", TINY)
     trained, original = [], X.train_and_evaluate
 

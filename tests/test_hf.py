@@ -1,6 +1,7 @@
 """sigma_ref.hf: SIGMA inside Hugging Face models, on tiny random configs built here (nothing downloaded)."""
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ transformers = pytest.importorskip("transformers", reason="the hf extra: pip ins
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-from sigma_ref import data as D  # noqa: E402
+from sigma_ref import data as D, kernels  # noqa: E402
 from sigma_ref.hf import from_pretrained, sigmafy, toy  # noqa: E402
 
 from conftest import modality_rows  # noqa: E402
@@ -184,18 +185,22 @@ def test_fp32_kernels_agree_and_bf16_autocast_runs():
     torch.testing.assert_close(low.float()[real], outputs["sdpa"][real], rtol=0, atol=0.1)
 
 
+@pytest.mark.parametrize("split_from", [None, 1], ids=["grids as split in use", "a grid per length"])
 @settings(max_examples=10)
 @given(layout=modality_rows(max_batch=3, max_len=16), lengths=st.lists(st.integers(1, 16), min_size=3, max_size=3))
-def test_the_packed_intra_stream_equals_the_masked_one(layout, lengths):
+def test_the_packed_intra_stream_equals_the_masked_one(split_from, layout, lengths):
     """With sdpa and no cache, the intra stream runs sigma_ref's packed kernel (no [S, S] mask); eager always
-    uses the mask. Values and gradients agree on random layouts with right padding."""
+    uses the mask. Values and gradients agree on random layouts with right padding, with the segments in one
+    grid (as at these lengths) and split into grids as long sequences split them."""
     batch, length = layout.shape
     mask = (torch.arange(length)[None] < torch.tensor(lengths[:batch]).clamp(max=length)[:, None]).long()
     ids = torch.randint(8, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
     results = []
+    grid_split = kernels.packed.SPLIT_FROM if split_from is None else split_from
     for attn in ("sdpa", "eager"):
         model = randomize_gates(sigmafy(tiny_decoder(attn=attn), num_intra_heads=2)).train()
-        logits = model(ids, attention_mask=mask, modality_ids=layout).logits
+        with mock.patch.object(kernels.packed, "SPLIT_FROM", grid_split):
+            logits = model(ids, attention_mask=mask, modality_ids=layout).logits
         (logits * mask[..., None]).sum().backward()
         results.append((logits[mask.bool()], {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (packed, packed_grads), (masked, masked_grads) = results

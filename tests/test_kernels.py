@@ -239,11 +239,37 @@ def test_packed_path_with_every_token_padding(fused, num_intra_heads):
     assert (out == 0).all() and all((g == 0).all() for g in grads)
 
 
+@given(st.lists(st.integers(1, 3000), max_size=12), st.integers(1, 4096))
+def test_grid_members_partition_the_segments_and_split_only_long_uneven_ones(lengths, split_from):
+    grids = kernels.packed.grid_members(lengths, split_from)
+    assert sorted(i for grid in grids for i in grid) == list(range(len(lengths)))
+    assert all(grid == sorted(grid) for grid in grids)
+    longest = [max(lengths[i] for i in grid) for grid in grids]
+    for grid, top in zip(grids, longest):
+        # a grid padded to `top` holds no segment at most half as long, once `top` is long enough to split
+        assert top < split_from or all(2 * lengths[i] > top for i in grid)
+    # a new grid starts only where the previous one was long enough to split and the new one at most half
+    assert all(before >= split_from and 2 * after <= before for before, after in zip(longest, longest[1:]))
+
+
+def test_a_short_segment_beside_a_long_one_gets_its_own_grid():
+    """The Hugging Face benchmark's layout: 1536 text and 512 image tokens in one row. One grid would pad the
+    image to 1536 (nine times its causal pairs); training batches (segments of tens of tokens) keep one."""
+    assert kernels.packed.grid_members([1536, 512]) == [[0], [1]]
+    assert kernels.packed.grid_members([1536, 1000, 512, 200]) == [[0, 1], [2], [3]]
+    assert kernels.packed.grid_members([20, 16, 13, 5]) == [[0, 1, 2, 3]]
+    ids = torch.cat([torch.zeros(600, dtype=torch.long), torch.ones(200, dtype=torch.long)])[None]
+    plan = kernels.packed.pack_plan(kernels.GroupLayout.of(ids, 1, 800, "cpu"))
+    assert [grid.shape for grid in plan.grids] == [(1, 600), (1, 200)]
+
+
+@pytest.mark.parametrize("split_from", [None, 1], ids=["grids as split in use", "a grid per length"])
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu autograd Function", "composition (CUDA's path)"])
 @given(modality_rows(max_len=40), st.integers(1, 4), st.data())
-def test_packed_sigma_attention_matches_math_in_values_and_gradients(fused, ids, heads, data):
+def test_packed_sigma_attention_matches_math_in_values_and_gradients(split_from, fused, ids, heads, data):
     """The packed backend against `math`, values and gradients, for every split and right padding: the CPU
-    autograd Function (head chunks of any size) and the plain composition that CUDA tensors take."""
+    autograd Function (head chunks of any size) and the plain composition that CUDA tensors take; with the
+    segments in one grid (as at these lengths), and split into grids wherever one is half another's length."""
     split = data.draw(st.integers(0, heads), label="num_intra_heads")
     batch, seq_len = ids.shape
     lengths = data.draw(st.lists(st.integers(0, seq_len), min_size=batch, max_size=batch), label="lengths")
@@ -252,7 +278,9 @@ def test_packed_sigma_attention_matches_math_in_values_and_gradients(fused, ids,
     q, k, v = random_qkv(ids, heads=heads, requires_grad=True)
     weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
     results = {}
-    with sr.runtime.torch_threads(threads), mock.patch.object(kernels.packed, "fused_supported", lambda q: fused):
+    grid_split = kernels.packed.SPLIT_FROM if split_from is None else split_from
+    with sr.runtime.torch_threads(threads), mock.patch.object(kernels.packed, "fused_supported", lambda q: fused), \
+            mock.patch.object(kernels.packed, "SPLIT_FROM", grid_split):
         for backend in ("math", "packed"):
             out, _ = sr.sigma_attention(q, k, v, ids, split, backend=backend, valid=valid)
             results[backend] = (out, *torch.autograd.grad((out * weight).sum(), (q, k, v)))

@@ -44,14 +44,14 @@ class GatedPackedLayer(torch.autograd.Function):
         out, lse_intra, lse_global = packed_forward(q, k, v, plan, num_intra_heads)        # [B, S, H, d]
         gated = gate_values(x, gate_weight, table, ids).mul_(out.view(batch, seq_len, D))    # [B, S, D]
         ctx.plan, ctx.num_intra_heads = plan, num_intra_heads
-        ctx.save_for_backward(x, q, k, v, out, lse_intra, lse_global, q_weight, k_weight, v_weight, gate_weight,
-                              table, out_weight, ids)
+        ctx.save_for_backward(x, q, k, v, out, lse_global, q_weight, k_weight, v_weight, gate_weight,
+                              table, out_weight, ids, *(lse_intra or ()))
         return F.linear(gated, out_weight)
 
     @staticmethod
     def backward(ctx, grad_y):
-        (x, q, k, v, out, lse_intra, lse_global, q_weight, k_weight, v_weight, gate_weight, table, out_weight,
-         ids) = ctx.saved_tensors
+        (x, q, k, v, out, lse_global, q_weight, k_weight, v_weight, gate_weight, table, out_weight,
+         ids, *lse_intra) = ctx.saved_tensors                                   # lse_intra: one per grid
         batch, seq_len, D = x.shape
         rows = batch * seq_len
         # 1. o_proj and the gate (gate.py's backward, the gate recomputed); its share of dx starts dx.

@@ -40,7 +40,8 @@ def half_image_layout(n: int) -> torch.Tensor:
 def packed_shapes(q, k, v, n: int, backward: bool):
     """The (q, k, v) of each causal attention call packed SIGMA makes on half_image_layout(n), q, k, v
     [1, H, n, d]: the global heads over all n tokens (views of the inputs, as packed.py passes them) and the
-    intra heads over the two modality segments, padded to the longer one as packed.py pads."""
+    intra heads over the two modality segments, padded to the longer one as packed.py pads segments of similar
+    length (one grid)."""
     half, head_dim = q.shape[1] // 2, q.shape[-1]
     segment = int(torch.bincount(half_image_layout(n)).max())                     # the longer modality's tokens
     g = torch.Generator().manual_seed(1)

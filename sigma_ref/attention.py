@@ -313,6 +313,19 @@ class StreamGates:
             logits = logits + self.stream_bias_for(stream, modality_ids)
         return torch.sigmoid(logits)
 
+    def stacked_gates(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Both gates' weights stacked, intra rows first ([W_intra + W_global, D]), and the stream bias as one row
+        per modality ([M, W_intra + W_global], intra channels first), or None without gates: one matmul and one
+        lookup then compute both gates (kernels.gate_values)."""
+        streams = [s for s, proj in enumerate((self.gate_intra_proj, self.gate_global_proj)) if proj is not None]
+        if not streams:
+            return None
+        weights = [(self.gate_intra_proj, self.gate_global_proj)[s].weight for s in streams]
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        if self.stream_bias is None:
+            return weight, None
+        return weight, torch.cat([self.stream_bias[s, :, :self.stream_widths[s]] for s in streams], dim=-1)
+
     def gates(self, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor | None:
         """Both gates, intra channels first: [B, S, W_intra + W_global] (None when gates are off; a stream
         without heads has none)."""
@@ -347,13 +360,9 @@ class SigmaAttention(StreamGates, _Attention):
         """Both gates' weights stacked, intra rows first ([D, D]), and the stream bias as one row per modality
         ([M, D], intra channels first): one matmul and one lookup compute both gates."""
         base = super().weights()
-        projs = [p for p in (self.gate_intra_proj, self.gate_global_proj) if p is not None]
-        if not projs:
-            return base
-        base.gate = projs[0].weight if len(projs) == 1 else torch.cat([p.weight for p in projs])
-        if self.stream_bias is not None:
-            base.table = torch.cat([self.stream_bias[INTRA, :, :self.config.intra_dim],
-                                    self.stream_bias[GLOBAL, :, :self.config.global_dim]], dim=-1)
+        stacked = self.stacked_gates()
+        if stacked is not None:
+            base.gate, base.table = stacked
         return base
 
     def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None, valid=None):

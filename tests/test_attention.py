@@ -257,6 +257,34 @@ def test_gated_output_projection_is_autograd_to_the_bit(ids, split, gates, bias,
         torch.testing.assert_close(g_steps, g, atol=1e-6, rtol=1e-6)
 
 
+@given(modality_rows(max_len=24), st.integers(1, 24), st.integers(1, 24), st.booleans())
+def test_gated_product_is_autograd_to_the_bit_and_keeps_no_gate(ids, width, gate_width, bias):
+    """kernels.gated_product (what a layer converted by sigma_ref.hf runs: its o_proj is transformers') equals
+    autograd's composition o * sigmoid(x W^T + T[ids]) in values and gradients to the bit, and keeps for the
+    backward pass only its inputs: no sigmoid output, no gate."""
+    g = torch.Generator().manual_seed(ids.numel() + width)
+    x = torch.randn(*ids.shape, width, generator=g, requires_grad=True)
+    o = torch.randn(*ids.shape, gate_width, generator=g, requires_grad=True)
+    weight = torch.randn(gate_width, width, generator=g, requires_grad=True)
+    table = torch.randn(sr.NUM_MODALITIES, gate_width, generator=g, requires_grad=True) if bias else None
+    params = [t for t in (x, o, weight, table) if t is not None]
+    kept = set()
+
+    def pack(tensor):
+        kept.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = kernels.gated_product(x, o, weight, table, ids)
+    assert kept <= {t.untyped_storage().data_ptr() for t in (*params, ids)}
+    y_autograd = o * torch.sigmoid(kernels.gate_logits(x, weight, table, ids))
+    weight_out = torch.randn(y.shape, generator=g)
+    grads = torch.autograd.grad((y * weight_out).sum(), params)
+    grads_autograd = torch.autograd.grad((y_autograd * weight_out).sum(), params)
+    assert torch.equal(y, y_autograd)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_autograd))
+
+
 @given(modality_rows(max_len=40), st.integers(0, H), st.booleans(), st.sampled_from(["gated", "sigma"]), st.data())
 def test_whole_gated_layer_on_the_packed_path_equals_the_composition(ids, split, bias, kind, data):
     """On the CPU packed path a gated layer runs as ONE Function (kernels.GatedPackedLayer); with details it

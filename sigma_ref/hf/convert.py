@@ -142,9 +142,10 @@ def sigma_attention(module, query, key, value, attention_mask, sigma_plan=None, 
     out = torch.cat([o for o, _ in parts], dim=2)                  # [B, Q, H, d], intra heads first
     extras = [w for _, w in parts]
     extra = torch.cat(extras, dim=1) if all(w is not None for w in extras) else None
-    g = gates.gates(sigma_input, sigma_plan.modality_ids)          # [B, Q, H * d] or None
-    if g is not None:
-        out = (out.flatten(2) * g.to(out.dtype)).view_as(out)
+    stacked = gates.stacked_gates()                                # both gates' weights and bias, or None
+    if stacked is not None:                                        # the gate recomputed in the backward pass
+        gated = kernels.gated_product(sigma_input, out.flatten(2), *stacked, sigma_plan.modality_ids)
+        out = gated.to(out.dtype).view_as(out)                     # [B, Q, H, d]
     return out, extra
 
 

@@ -43,7 +43,7 @@ from ..masks import layout as parse_layout
 from .dispatch import (BACKENDS, PACKED_MIN_LENGTH, as_layout, decode_attention, flash_available,
                        grouped_causal_attention, resolve_backend, sigma_attention)
 from .fused import KVCache, LayerWeights, attend, attention_layer
-from .gate import GatedOutputProjection, gate_logits, gated_output
+from .gate import GatedOutputProjection, GatedProduct, gate_logits, gated_output, gated_product
 from .layer import GatedPackedLayer
 from .layout import GroupLayout, Segments
 
@@ -64,4 +64,4 @@ def _demo() -> None:
 
 __all__ = ["BACKENDS", "PACKED_MIN_LENGTH", "GroupLayout", "Segments", "grouped_causal_attention", "sigma_attention",
            "decode_attention", "resolve_backend", "flash_available", "as_layout", "KVCache", "LayerWeights",
-           "attend", "attention_layer", "GatedOutputProjection", "gate_logits", "gated_output", "GatedPackedLayer"]
+           "attend", "attention_layer", "GatedOutputProjection", "GatedProduct", "gate_logits", "gated_output", "gated_product", "GatedPackedLayer"]

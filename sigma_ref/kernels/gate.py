@@ -78,11 +78,48 @@ def gated_output_backward(grad_y, x, o, gate_weight, table, ids, out_weight):
     grad_logits = grad_gated.mul_(o)                       # now the gate's gradient, and in place below ...
     torch.ops.aten.sigmoid_backward.grad_input(grad_logits, gate, grad_input=grad_logits)     # ... the logits'
     del grad_gated, gate
+    grad_x, grad_gate_weight, grad_table = _gate_input_grads(grad_logits, x, gate_weight, table, ids)
+    return grad_x, grad_o, grad_gate_weight, grad_table, grad_out_weight
+
+
+def _gate_input_grads(grad_logits, x, gate_weight, table, ids):
+    """From the gradient of the gate logits x W_g^T + T[ids] [B, S, W]: (dx [B, S, D], dW_g [W, D], dT or None)."""
     grad_table = None if table is None else \
         torch.ops.aten.embedding_dense_backward(grad_logits, ids, table.shape[0], -1, False)
-    grad_logits2 = grad_logits.reshape(-1, D)
-    return (grad_logits2.mm(gate_weight).view_as(x), grad_o, grad_logits2.t().mm(x.reshape(-1, D)), grad_table,
-            grad_out_weight)
+    grad_logits2 = grad_logits.reshape(-1, grad_logits.shape[-1])                 # [B*S, W]
+    return grad_logits2.mm(gate_weight).view_as(x), grad_logits2.t().mm(x.reshape(-1, x.shape[-1])), grad_table
+
+
+class GatedProduct(torch.autograd.Function):
+    """sigmoid(x W_g^T + T[ids]) * o, the gate recomputed in the backward pass instead of kept: for layers that
+    do not own their o_proj (sigma_ref.hf's converted layers, whose o_proj transformers applies after the
+    attention function returns). Under autograd the two gates' sigmoid outputs and their concatenation would be
+    kept, two [B, S, W] activations per layer; this keeps x and o, which the layer keeps anyway.
+
+    x [B, S, D]; o [B, S, W]; gate_weight [W, D]; table [M, W] or None; ids [B, S].
+    """
+
+    @staticmethod
+    def forward(ctx, x, o, gate_weight, table, ids):
+        ctx.save_for_backward(x, o, gate_weight, table, ids)
+        return gate_values(x, gate_weight, table, ids).mul_(o)                           # the gate not kept
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, o, gate_weight, table, ids = ctx.saved_tensors
+        gate = gate_values(x, gate_weight, table, ids)                                   # recomputed
+        grad_o = grad * gate
+        grad_logits = torch.ops.aten.sigmoid_backward(grad * o, gate)
+        del gate
+        grad_x, grad_gate_weight, grad_table = _gate_input_grads(grad_logits, x, gate_weight, table, ids)
+        return grad_x, grad_o, grad_gate_weight, grad_table, None
+
+
+def gated_product(x, o, gate_weight, table, ids) -> torch.Tensor:
+    """sigmoid(x W_g^T + T[ids]) * o: GatedProduct, or the same ops under autograd where autocast is on."""
+    if torch.is_autocast_enabled(x.device.type):
+        return o * torch.sigmoid(gate_logits(x, gate_weight, table, ids))
+    return GatedProduct.apply(x, o, gate_weight, table, ids)
 
 
 def gated_output(x, o, gate_weight, table, ids, out_weight) -> torch.Tensor:

@@ -317,14 +317,13 @@ class StreamGates:
         """Both gates' weights stacked, intra rows first ([W_intra + W_global, D]), and the stream bias as one row
         per modality ([M, W_intra + W_global], intra channels first), or None without gates: one matmul and one
         lookup then compute both gates (kernels.gate_values)."""
-        streams = [s for s, proj in enumerate((self.gate_intra_proj, self.gate_global_proj)) if proj is not None]
-        if not streams:
+        gated = [(s, proj) for s, proj in enumerate((self.gate_intra_proj, self.gate_global_proj)) if proj is not None]
+        if not gated:
             return None
-        weights = [(self.gate_intra_proj, self.gate_global_proj)[s].weight for s in streams]
-        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        weight = gated[0][1].weight if len(gated) == 1 else torch.cat([proj.weight for _, proj in gated])
         if self.stream_bias is None:
             return weight, None
-        return weight, torch.cat([self.stream_bias[s, :, :self.stream_widths[s]] for s in streams], dim=-1)
+        return weight, torch.cat([self.stream_bias[s, :, :self.stream_widths[s]] for s, _ in gated], dim=-1)
 
     def gates(self, x: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor | None:
         """Both gates, intra channels first: [B, S, W_intra + W_global] (None when gates are off; a stream

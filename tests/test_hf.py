@@ -185,7 +185,8 @@ def test_fp32_kernels_agree_and_bf16_autocast_runs():
     torch.testing.assert_close(low.float()[real], outputs["sdpa"][real], rtol=0, atol=0.1)
 
 
-@pytest.mark.parametrize("split_from", [None, 1], ids=["grids as split in use", "a grid per length"])
+@pytest.mark.parametrize("split_from", [kernels.packed.SPLIT_FROM, 1],
+                         ids=["grids as split in use", "a grid per length"])
 @settings(max_examples=10)
 @given(layout=modality_rows(max_batch=3, max_len=16), lengths=st.lists(st.integers(1, 16), min_size=3, max_size=3))
 def test_the_packed_intra_stream_equals_the_masked_one(split_from, layout, lengths):
@@ -196,10 +197,9 @@ def test_the_packed_intra_stream_equals_the_masked_one(split_from, layout, lengt
     mask = (torch.arange(length)[None] < torch.tensor(lengths[:batch]).clamp(max=length)[:, None]).long()
     ids = torch.randint(8, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
     results = []
-    grid_split = kernels.packed.SPLIT_FROM if split_from is None else split_from
     for attn in ("sdpa", "eager"):
         model = randomize_gates(sigmafy(tiny_decoder(attn=attn), num_intra_heads=2)).train()
-        with mock.patch.object(kernels.packed, "SPLIT_FROM", grid_split):
+        with mock.patch.object(kernels.packed, "SPLIT_FROM", split_from):
             logits = model(ids, attention_mask=mask, modality_ids=layout).logits
         (logits * mask[..., None]).sum().backward()
         results.append((logits[mask.bool()], {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))

@@ -263,7 +263,8 @@ def test_a_short_segment_beside_a_long_one_gets_its_own_grid():
     assert [grid.shape for grid in plan.grids] == [(1, 600), (1, 200)]
 
 
-@pytest.mark.parametrize("split_from", [None, 1], ids=["grids as split in use", "a grid per length"])
+@pytest.mark.parametrize("split_from", [kernels.packed.SPLIT_FROM, 1],
+                         ids=["grids as split in use", "a grid per length"])
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu autograd Function", "composition (CUDA's path)"])
 @given(modality_rows(max_len=40), st.integers(1, 4), st.data())
 def test_packed_sigma_attention_matches_math_in_values_and_gradients(split_from, fused, ids, heads, data):
@@ -278,9 +279,8 @@ def test_packed_sigma_attention_matches_math_in_values_and_gradients(split_from,
     q, k, v = random_qkv(ids, heads=heads, requires_grad=True)
     weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
     results = {}
-    grid_split = kernels.packed.SPLIT_FROM if split_from is None else split_from
     with sr.runtime.torch_threads(threads), mock.patch.object(kernels.packed, "fused_supported", lambda q: fused), \
-            mock.patch.object(kernels.packed, "SPLIT_FROM", grid_split):
+            mock.patch.object(kernels.packed, "SPLIT_FROM", split_from):
         for backend in ("math", "packed"):
             out, _ = sr.sigma_attention(q, k, v, ids, split, backend=backend, valid=valid)
             results[backend] = (out, *torch.autograd.grad((out * weight).sum(), (q, k, v)))

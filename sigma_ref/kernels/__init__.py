@@ -64,4 +64,5 @@ def _demo() -> None:
 
 __all__ = ["BACKENDS", "PACKED_MIN_LENGTH", "GroupLayout", "Segments", "grouped_causal_attention", "sigma_attention",
            "decode_attention", "resolve_backend", "flash_available", "as_layout", "KVCache", "LayerWeights",
-           "attend", "attention_layer", "GatedOutputProjection", "GatedProduct", "gate_logits", "gated_output", "gated_product", "GatedPackedLayer"]
+           "attend", "attention_layer", "GatedOutputProjection", "GatedProduct", "gate_logits", "gated_output",
+           "gated_product", "GatedPackedLayer"]

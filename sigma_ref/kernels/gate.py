@@ -5,7 +5,8 @@ SIGMA, the stream bias T looked up by modality), then apply o_proj. Under plain 
 and the gated product are kept for the backward pass: two [B, S, D] activations per layer that standard
 attention does not have. GatedOutputProjection keeps only what the layer keeps anyway and recomputes the gate
 in its backward pass. attention.py calls `gated_output`; tests/test_attention.py holds it to autograd's
-composition bit for bit and measures what it keeps.
+composition bit for bit and measures what it keeps. `gated_product` is the same without o_proj, for layers
+whose o_proj is not theirs (sigma_ref.hf's converted layers).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ PACKAGE = ROOT / "sigma_ref"
 FLOORS = [
     ["checks", "testing.doubles"],
     ["runtime"],
-    ["masks", "testing"],
+    ["masks", "testing", "testing.hf"],
     ["kernels.layout"],
     ["kernels.reference", "kernels.packed", "kernels.flex", "kernels.flash", "kernels.gate"],
     ["kernels.layer", "kernels.dispatch"],   # one gated layer on the packed path; the dispatcher
@@ -34,6 +34,7 @@ FLOORS = [
     ["viz"],
     ["widgets"],
     # the tooling
+    ["hf.flash"],
     ["lab", "lab.stats", "teaching", "teaching.course", "lab.lower_bounds", "hf.convert", "hf.toy"],
     ["lab.experiments", "lab.bench", "hf", "hf.finetune"],
     ["lab.speedrun", "lab.gpucheck", "lab.dilution", "hf.bench"],

@@ -51,6 +51,14 @@ def test_one_token_decode_sees_every_cached_key():
     torch.testing.assert_close(out.float(), dense_reference(q, k, v, causal=False), atol=1e-2, rtol=1e-2)
 
 
+def test_a_zero_dim_integer_tensor_is_a_bound_as_flash_attn_2_takes_it():
+    """transformers' packed-sequence path passes max_seqlen as a 0-d tensor; flash-attn 2 converts it."""
+    q, k, v = torch.randn(3, 6, 2, 8).bfloat16().unbind(0)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    as_tensor = fd.flash_attn_varlen_func(q, k, v, cu, cu, torch.tensor(4), torch.tensor(4), causal=True)
+    assert torch.equal(as_tensor, fd.flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, causal=True))
+
+
 def test_dense_func_equals_varlen_on_equal_rows():
     q, k, v = torch.randn(3, 2, 7, 4, 16).bfloat16().unbind(0)                  # [B, S, H, d]
     cu = torch.tensor([0, 7, 14], dtype=torch.int32)
@@ -63,7 +71,8 @@ def test_dense_func_equals_varlen_on_equal_rows():
     (dict(k=lambda k: k.half()), "same dtype"),
     (dict(cu_q=lambda c: c.long()), "int32"),
     (dict(cu_q=lambda c: torch.stack([c, c], 1)[:, 0]), "contiguous"),
-    (dict(max_q=lambda m: torch.tensor(m)), "Python int"),
+    (dict(max_q=lambda m: torch.tensor(float(m))), "Python int"),
+    (dict(max_q=lambda m: torch.tensor([m])), "Python int"),
     (dict(max_q=lambda m: 2), "below the longest"),
     (dict(cu_k=lambda c: torch.tensor([0, 3, 5], dtype=torch.int32)), "rise from 0 to 6"),
 ])

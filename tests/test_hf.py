@@ -14,6 +14,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 from sigma_ref import data as D, kernels  # noqa: E402
 from sigma_ref.hf import from_pretrained, sigmafy, toy  # noqa: E402
+from sigma_ref.testing.hf import hf_flash_double  # noqa: E402
 
 from conftest import modality_rows  # noqa: E402
 
@@ -241,6 +242,139 @@ def test_gradients_reach_the_gates_and_the_stream_bias():
     attn = model.model.language_model.layers[0].self_attn
     for p in (attn.sigma.gate_intra_proj.weight, attn.sigma.gate_global_proj.weight, attn.sigma.stream_bias):
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flash-attention kernels: transformers' own flash code, with flash_double as the kernel (bf16, as flash needs)
+# ---------------------------------------------------------------------------------------------------
+
+def flash_and_sdpa(model, *args, config=None, **kwargs):
+    """The model's output through the flash route (the double's kernel) and through sdpa, same weights."""
+    with hf_flash_double(config or model.config) as double:
+        double.calls.clear()
+        flash = model(*args, **kwargs)
+        calls = list(double.calls)
+    return flash, model(*args, **kwargs), calls
+
+
+def relative_error(a, b, floor=1e-5):
+    """|a - b| / |b|, with `floor` under |b|: a gradient that is zero in theory (one token's query) reads as
+    round-off in one route and exactly 0 in the other."""
+    return float((a.float() - b.float()).norm() / (b.float().norm() + floor))
+
+
+@settings(max_examples=12, deadline=None)
+@given(layout=modality_rows(max_batch=3, max_len=14), lengths=st.lists(st.integers(1, 14), min_size=3, max_size=3),
+       left=st.booleans(), intra=st.sampled_from([2, 4]))
+def test_the_flash_route_equals_the_masked_one(layout, lengths, left, intra):
+    """Random layouts, left or right padding, split or all-intra: logits and gradients through transformers'
+    flash code (the intra stream as packed varlen segments) agree with sdpa's masks, to bf16's precision."""
+    batch, length = layout.shape
+    mask = (torch.arange(length)[None] < torch.tensor(lengths[:batch]).clamp(max=length)[:, None]).long()
+    if left:
+        mask = mask.flip(1)
+    ids = torch.randint(8, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
+    model = randomize_gates(sigmafy(tiny_decoder(), num_intra_heads=intra)).to(torch.bfloat16).train()
+    grads = []
+    for route in ("flash", "sdpa"):
+        model.zero_grad()
+        if route == "flash":
+            with hf_flash_double(model.config) as double:
+                double.calls.clear()
+                logits = model(ids, attention_mask=mask, modality_ids=layout).logits
+                (logits.float() * mask[..., None]).sum().backward()
+                assert "flash_attn_varlen_func" in double.calls          # the intra stream went to the kernel
+            flash_logits = logits
+        else:
+            logits = model(ids, attention_mask=mask, modality_ids=layout).logits
+            (logits.float() * mask[..., None]).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    real = mask.bool()
+    torch.testing.assert_close(flash_logits.float()[real], logits.float()[real], rtol=0, atol=0.03)
+    for name, grad in grads[1].items():
+        assert relative_error(grads[0][name], grad) < 0.05, name
+
+
+def test_the_flash_route_keeps_text_pure_to_the_bit():
+    """Every head intra: a text token's segments hold no image token, so its logits do not move at all when
+    every image token changes (a segment that mixed modalities would move them)."""
+    ids, mask = right_padded(batch=2, length=12)
+    layout = (ids == IMAGE_ID).long()
+    other = torch.where(layout.bool(), torch.randint(8, VOCAB, ids.shape), ids)
+    model = randomize_gates(sigmafy(tiny_decoder(), num_intra_heads=4)).to(torch.bfloat16)
+    with hf_flash_double(model.config):
+        before = model(ids, attention_mask=mask, modality_ids=layout).logits
+        after = model(other, attention_mask=mask, modality_ids=layout).logits
+    text = ~layout.bool() & mask.bool()
+    assert torch.equal(after[text], before[text])
+    split = randomize_gates(sigmafy(tiny_decoder(), num_intra_heads=2)).to(torch.bfloat16)
+    with hf_flash_double(split.config):
+        moved = split(other, attention_mask=mask, modality_ids=layout).logits
+        still = split(ids, attention_mask=mask, modality_ids=layout).logits
+    assert not torch.equal(moved[text], still[text])                    # the global stream does see the image
+
+
+def test_flash_cached_generation_equals_uncached_with_left_padding():
+    """generate() with transformers' cache through flash: each step's intra segment holds the new token's
+    modality's cached keys and the new query last (flash-attn's bottom-right causal mask)."""
+    model = randomize_gates(sigmafy(tiny_decoder(), image_token_id=IMAGE_ID)).to(torch.bfloat16)
+    ids, _ = right_padded(batch=2, length=9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0                                                     # the second row is left-padded
+    common = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with hf_flash_double(model.config) as double:
+        cached = model.generate(ids, use_cache=True, **common)
+        assert "flash_attn_varlen_func" in double.calls
+        uncached = model.generate(ids, use_cache=False, **common)
+        whole_mask = torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], 1)
+        whole = model(cached, attention_mask=whole_mask).logits
+        out = model(cached[:, :9], attention_mask=mask, use_cache=True)
+        steps = [out.logits]
+        for i in range(9, cached.shape[1]):
+            out = model(cached[:, i:i + 1], attention_mask=whole_mask[:, :i + 1], past_key_values=out.past_key_values,
+                        use_cache=True, modality_ids=(cached[:, :i + 1] == IMAGE_ID).long())
+            steps.append(out.logits)
+    assert torch.equal(cached, uncached)
+    real = whole_mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], whole[real], rtol=0, atol=0.03)
+
+
+def test_flash_packed_documents_stay_apart():
+    """Padding-free training packs sequences into one row (position ids restart at 0, no attention mask): the
+    intra stream's segments end where each document ends, as transformers' flash code ends the global stream's."""
+    model = randomize_gates(sigmafy(tiny_decoder(), image_token_id=IMAGE_ID)).to(torch.bfloat16)
+    first, second = right_padded(batch=2, length=8)[0]
+    row = torch.cat([first, second])[None]                              # [1, 16]: two documents
+    positions = torch.cat([torch.arange(8), torch.arange(8)])[None]
+    with hf_flash_double(model.config):
+        packed = model(row, position_ids=positions).logits
+        alone = model(second[None]).logits
+        as_one = model(row).logits                                      # the same row read as one sequence
+    torch.testing.assert_close(packed[:, 8:], alone, rtol=0, atol=0.03)
+    assert (as_one[:, 8:].float() - alone.float()).abs().max() > 0.1  # what the check above tells apart
+
+
+def test_llava_through_flash_equals_sdpa():
+    model = randomize_gates(sigmafy(toy.tiny_llava())).to(torch.bfloat16).eval()
+    batch = llava_batch()
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    flash, sdpa, calls = flash_and_sdpa(model, config=model.config.text_config, **batch)
+    assert "flash_attn_varlen_func" in calls
+    real = batch["attention_mask"].bool()                              # padding: 0 through flash, not through sdpa
+    torch.testing.assert_close(flash.logits.float()[real], sdpa.logits.float()[real], rtol=0, atol=0.03)
+
+
+def test_flash_refuses_what_it_cannot_express():
+    model = sigmafy(tiny_decoder("mistral", sliding_window=5), num_intra_heads=2, image_token_id=IMAGE_ID)
+    ids, mask = right_padded()
+    with hf_flash_double(model.config), pytest.raises(ValueError, match="cannot keep a sliding window"):
+        model.to(torch.bfloat16)(ids, attention_mask=mask)
+    model = sigmafy(tiny_decoder(), image_token_id=IMAGE_ID).to(torch.bfloat16)
+    with hf_flash_double(model.config), pytest.raises(ValueError, match=r"attention_mask must be a \[batch, seq\]"):
+        model(ids, attention_mask=torch.ones(2, 1, 12, 12, dtype=torch.bool))
+    with pytest.raises(ValueError, match="implementation must name a flash-attention kernel"):
+        with hf_flash_double(model.config, "sdpa"):
+            pass
 
 
 # ---------------------------------------------------------------------------------------------------

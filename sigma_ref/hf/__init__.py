@@ -1,7 +1,8 @@
 """SIGMA in Hugging Face transformers models (the optional extra: `pip install -e '.[hf]'`).
 
     sigmafy(model, num_intra_heads=None, ...)    convert a Llama / Qwen2 / Qwen3 / Mistral decoder or a LLaVA
-                                                 model in place (convert.py explains how it plugs in)
+                                                 model in place, for the eager, sdpa, flex_attention and
+                                                 flash-attention kernels (convert.py explains how it plugs in)
     from_pretrained(cls, path, **kwargs)         reload a model saved after sigmafy (save_pretrained as usual)
     toy                                          the course's captioning set as a tokenizer, a dataset and a
                                                  tiny LLaVA, for transformers.Trainer (toy.py)

@@ -20,6 +20,8 @@ the model's mask. The model's own forward is untouched. Two forward pre-hooks ca
                             modality (`_intra_mask`);
     on each attention layer its input x, for the gates.
 
+FLASH ATTENTION. The flash kernels take no mask: the intra stream reaches them as packed segments (flash.py).
+
 PACKING. Where it is exact and the model's kernel is sdpa (no cache, right padding only: training and the
 prefill of generation), the intra heads skip the mask: causal attention within each modality is causal attention
 over that modality's tokens gathered in order, which sigma_ref's packed kernel computes (notebook 05), with no
@@ -49,11 +51,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .. import kernels
 from ..attention import DEFAULT_BIAS_INIT, StreamGates, _check_bias_init
 from ..checks import check_bool, check_int
+from .flash import AsTheModelSees, FlashSegments, flash_intra, flash_segments, is_flash
 from ..masks import intra_mask_mod, validate_modality_ids
 
 KERNEL = "sigma_ref"
 # The kernels whose masks transformers builds from a mask function, so the intra mask can be expressed. The
-# flash-attention kernels take padding only.
+# flash-attention kernels (any name with "flash", transformers' own rule) take padding only: the intra stream
+# reaches them as packed segments instead (FlashSegments).
 MASKABLE = ("eager", "sdpa", "flex_attention")
 DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 LANGUAGE_MODELS = ("LlamaModel", "Qwen2Model", "Qwen3Model", "MistralModel")
@@ -80,11 +84,13 @@ class SigmaGates(StreamGates, nn.Module):
 class Plan:
     """What every layer of one forward shares: the modality of the new tokens [B, Q], the intra masks (in the
     kernel's format) keyed by whether the layer uses a sliding window, and, where the intra stream can be
-    computed by packing (below), the layout of the sequence for sigma_ref's packed kernel."""
+    computed by packing (below), the layout of the sequence for sigma_ref's packed kernel, or its segments for
+    a flash kernel."""
 
     modality_ids: torch.Tensor
     intra_masks: dict
     packed_layout: kernels.GroupLayout | None = None
+    flash_segments: FlashSegments | None = None
 
 
 class _SigmaView:
@@ -114,17 +120,26 @@ def sigma_attention(module, query, key, value, attention_mask, sigma_plan=None, 
         raise ValueError(f"{type(module).__name__} was converted by sigmafy and must run inside its converted "
                          "model (the model's forward prepares the modality ids and the intra mask)")
     base = module.config._base._attn_implementation
-    if base not in MASKABLE:
-        raise ValueError(f"attn_implementation must be one of {MASKABLE} for a SIGMA model (their masks can hold "
-                         f"the intra condition), got {base!r}")
+    if base not in MASKABLE and not is_flash(base):
+        raise ValueError(f"attn_implementation must be one of {MASKABLE} or a flash-attention kernel for a SIGMA "
+                         f"model, got {base!r}")
     kernel = getattr(sys.modules[type(module).__module__], "eager_attention_forward") if base == "eager" \
         else ALL_ATTENTION_FUNCTIONS[base]
     gates: SigmaGates = module.sigma
     h, heads = gates.num_intra_heads, query.shape[1]
     group = module.num_key_value_groups
     h_kv = h // group                                              # the split falls on a K/V group boundary
+    if is_flash(base):
+        module = AsTheModelSees(module)                            # the flash code reads the kernel's name there
+        if h and gates.sliding:
+            raise ValueError(f"attn_implementation {base!r} cannot keep a sliding window inside the intra stream's "
+                             "packed segments; use 'sdpa', 'eager' or 'flex_attention' for a model with "
+                             "sliding-window layers and intra heads")
     parts = []
-    if h and _packable(module, base, gates, sigma_plan, query, kwargs):
+    if h and is_flash(base):
+        parts.append((flash_intra(kernel, module, query[:, :h], key[:, :h_kv], value[:, :h_kv],
+                                  sigma_plan.flash_segments, kwargs), None))
+    elif h and _packable(module, base, gates, sigma_plan, query, kwargs):
         # Causal attention within each modality = causal attention over each modality's tokens gathered in
         # order: sigma_ref's packed kernel (notebook 05), exact, with no [S, S] mask. [B, h, S, d] -> [B, S, h, d]
         # Under autocast the projections and the rotary positions can leave q, k and v in different dtypes;
@@ -297,8 +312,10 @@ def _prepare_forward(lm, args, kwargs):
     if cache is not None:
         cache.sigma_modality = every
 
-    masks, layout = {}, None
-    if settings["num_intra_heads"]:
+    masks, layout, segments = {}, None, None
+    if settings["num_intra_heads"] and is_flash(lm.config._attn_implementation):
+        segments = flash_segments(every, past, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+    elif settings["num_intra_heads"]:
         attention_mask = kwargs.get("attention_mask")
         layout = _packed_layout(lm.config, every, past, attention_mask, kwargs.get("position_ids"))
         dtype = embeds.dtype if embeds is not None else lm.get_input_embeddings().weight.dtype
@@ -307,7 +324,7 @@ def _prepare_forward(lm, args, kwargs):
             if layout is None or sliding:                   # packing covers full-attention layers without a mask
                 masks[sliding] = _intra_mask(lm.config, sliding, shape_only, attention_mask, cache,
                                              kwargs.get("position_ids"), every)
-    kwargs["sigma_plan"] = Plan(ids, masks, layout)
+    kwargs["sigma_plan"] = Plan(ids, masks, layout, segments)
     return args, kwargs
 
 

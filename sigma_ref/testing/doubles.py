@@ -10,7 +10,8 @@ that would fail on a GPU fails here too:
     - q, k, v fp16 or bf16, all the same dtype, on one device; head_dim <= 256 (any size: flash-attn pads);
     - varlen: q [total_q, H, d], k/v [total_k, H_kv, d] with H divisible by H_kv (grouped-query attention);
       cu_seqlens_q / cu_seqlens_k int32, 1-D, contiguous, on q's device, starting at 0, ending at the totals;
-      max_seqlen_q / max_seqlen_k Python ints, UPPER bounds (at least the longest segment);
+      max_seqlen_q / max_seqlen_k Python ints (or 0-d integer tensors, as flash-attn 2 takes), UPPER bounds
+      (at least the longest segment);
     - causal=True aligns the mask BOTTOM-RIGHT when a segment's query and key lengths differ (flash-attn >= 2.1):
       query i of Lq sees keys j <= i + Lk - Lq, so a single decoding query sees every cached key; a query row
       with no key gets zeros;
@@ -102,8 +103,13 @@ class _FlashDouble:
         if cu_seqlens_q.numel() != cu_seqlens_k.numel():
             raise RuntimeError("flash double: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences")
         for name, bound, cu in (("max_seqlen_q", max_seqlen_q, cu_seqlens_q), ("max_seqlen_k", max_seqlen_k, cu_seqlens_k)):
+            # flash-attn 2's binding also takes a 0-d integer tensor (transformers' packed-sequence path passes
+            # one, prepare_fa_kwargs_from_position_ids); flash-attn 4's does not.
+            if isinstance(bound, torch.Tensor) and bound.dim() == 0 and not bound.dtype.is_floating_point:
+                bound = int(bound)
             if isinstance(bound, bool) or not isinstance(bound, int):
-                raise RuntimeError(f"flash double: {name} must be a Python int, got {type(bound).__name__}")
+                raise RuntimeError(f"flash double: {name} must be a Python int (or a 0-d integer tensor), got "
+                                   f"{type(bound).__name__}")
             longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
             if bound < longest:
                 raise RuntimeError(f"flash double: {name} = {bound} is below the longest sequence ({longest})")

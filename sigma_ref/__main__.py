@@ -1,4 +1,5 @@
-"""Command line: python -m sigma_ref {train,compare,figures,bench,dilution,var,gpu-check,data,demo,release,book,report}
+"""Command line: python -m sigma_ref {train,compare,figures,bench,dilution,var,gpu-check,data,demo,release,publish,book,
+report}
 (each has --help)."""
 
 from __future__ import annotations
@@ -136,6 +137,12 @@ def _release(args) -> None:
           f"{written[0].parent}/; grade collected submissions with `nbgrader autograde {course.ASSIGNMENT}` there")
 
 
+def _publish(args) -> None:
+    written = course.publish(args.root, args.repository)
+    print(f"published at {args.repository}: wrote {len(written)} files (pyproject.toml, every "
+          f"notebook's install cell, README.md's launch badges); `python -m sigma_ref book` adds launch buttons")
+
+
 def _book(args) -> None:
     index = course.build_book(args.out, args.notebooks)
     print(f"the course, executed: {index}")
@@ -247,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the course directory (nbgrader_config.py, source/, release/)")
     p.add_argument("--notebooks", default=None, help="the course's notebooks (default: notebooks/ of this checkout)")
     p.set_defaults(run=_release)
+
+    p = commands.add_parser("publish", help="write the course's public GitHub URL where it links to itself: "
+                                            "the notebooks' install cells, README's Colab/Binder badges, the book")
+    p.add_argument("--repository", required=True, help="https://github.com/OWNER/REPO")
+    p.add_argument("--root", default=".", help="the course checkout to write into (default: the current directory)")
+    p.set_defaults(run=_publish)
 
     p = commands.add_parser("book", help="execute the notebooks (solved) and build the course as a static site")
     p.add_argument("--out", default="build/book", help="output directory (default: build/book, ignored by git)")

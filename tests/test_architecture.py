@@ -34,7 +34,7 @@ FLOORS = [
     ["viz"],
     ["widgets"],
     # the tooling
-    ["hf.flash"],
+    ["hf.flash", "teaching.launch"],
     ["lab", "lab.stats", "teaching", "teaching.course", "lab.lower_bounds", "hf.convert", "hf.toy"],
     ["lab.experiments", "lab.bench", "hf", "hf.finetune"],
     ["lab.speedrun", "lab.gpucheck", "lab.dilution", "hf.bench"],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sigma_ref.teaching import course
+from sigma_ref.teaching import course, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = course.course_notebooks(ROOT / "notebooks")
@@ -83,8 +83,14 @@ def test_book_builder_executes_notebooks_itself(chromium_page, tmp_path, monkeyp
     (notebooks / source.name).write_bytes(source.read_bytes())
     monkeypatch.setenv("SIGMA_FAST", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    index = course.build_book(tmp_path / "book", notebooks, progress=False)
+    repository = "https://github.com/example-school/sigma-course"        # as `python -m sigma_ref publish` sets it
+    index = course.build_book(tmp_path / "book", notebooks, progress=False, repository=repository)
     page = chromium_page
     page.goto((index.parent / f"{source.stem}.html").as_uri(), wait_until="domcontentloaded")
     assert loaded_images(page) >= 1
     assert "correct" in page.locator(".tag_check").inner_text()
+    # jupyter-book's own launch buttons open this notebook of the published repository in Colab and Binder
+    links = page.eval_on_selector_all("a", "els => els.map(e => e.href)")
+    for launch_link in launch.launch_links(repository, f"notebooks/{source.name}").values():
+        host = launch_link.split("?")[0]
+        assert any(link.startswith(host) for link in links), (host, [l for l in links if "colab" in l or "binder" in l])

@@ -22,6 +22,7 @@ import re
 import statistics
 from pathlib import Path
 
+from ..teaching import launch
 from . import stats
 from .bench import Table
 from .dilution import ABLATIONS, MODA_ABLATIONS, load_metrics
@@ -342,6 +343,7 @@ def hf_bench(results: Path) -> str:
 
 BLOCKS = {
     "package-map": package_map,
+    "launch-badges": lambda results: launch.launch_badges(launch.repository_url(results.parent / "pyproject.toml")),
     "hf-finetune": hf_finetune,
     "hf-bench": hf_bench,
     "compare-table": compare_table,

@@ -43,6 +43,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import launch
+
 EXERCISE, SOLUTION, CHECK = "exercise", "solution", "check"
 STUB_RAISES = "raises-exception"             # nbmake: this cell is expected to raise (the stub is in place)
 ASSIGNMENT = "sigma"                         # the nbgrader assignment that holds the course's notebooks
@@ -306,9 +308,36 @@ docs/TEACHING.md give the committed, several-seed results.
 """
 
 
+def publish(root: str | Path, repository: str) -> list[Path]:
+    """Write the course's public URL everywhere it links to itself, in the checkout at `root` (launch.py):
+    pyproject.toml's [project.urls] Repository, every notebook's install cell, README.md's launch badges.
+    Returns the files written."""
+    launch.check_repository(repository)
+    root = Path(root)
+    paths = course_notebooks(root / "notebooks")
+    notebooks = {path: read(path) for path in paths}
+    for path, nb in notebooks.items():                       # every notebook checked before any file changes
+        found = [c for c in nb["cells"] if launch.is_install_cell(c)]
+        if len(found) != 1:
+            raise ValueError(f"notebooks: {path.name} has {len(found)} install cells (COURSE_REPOSITORY = ...), "
+                             "expected 1")
+    readme, pyproject = root / "README.md", root / "pyproject.toml"
+    badges = launch.with_launch_badges(readme.read_text(), repository)
+    pyproject.write_text(launch.with_repository_url(pyproject.read_text(), repository))
+    for path, nb in notebooks.items():
+        cell, = [c for c in nb["cells"] if launch.is_install_cell(c)]
+        cell["source"] = launch.install_cell(repository).splitlines(keepends=True)
+        write(nb, path)
+    readme.write_text(badges)
+    return [pyproject, *paths, readme]
+
+
 def build_book(out: str | Path, notebooks_dir: str | Path | None = None,
-               executed: dict[str, dict] | None = None, progress: bool = True) -> Path:
+               executed: dict[str, dict] | None = None, progress: bool = True, repository: str | None = None) -> Path:
     """Build the executed course as a static site; returns the path of its index.html.
+
+    `repository` (default: the published URL in pyproject.toml, launch.py) adds jupyter-book's Binder and Colab
+    launch buttons to every notebook page.
 
     Each notebook is solved (solutions in the exercise cells, collapsed behind jupyter-book's "hide-input"),
     executed in a fresh kernel unless `executed` already holds its executed solved copy (by file name), its
@@ -330,7 +359,9 @@ def build_book(out: str | Path, notebooks_dir: str | Path | None = None,
             if EXERCISE in tags(cell):
                 cell["metadata"]["tags"] = tags(cell) + ["hide-input"]
         write(nb, source_dir / path.name)
-    (source_dir / "_config.yml").write_text(BOOK_CONFIG)
+    if repository is None and (Path(__file__).resolve().parents[2] / "pyproject.toml").is_file():
+        repository = launch.repository_url(Path(__file__).resolve().parents[2] / "pyproject.toml")
+    (source_dir / "_config.yml").write_text(BOOK_CONFIG + launch.book_config(repository))
     (source_dir / "intro.md").write_text(BOOK_INTRO)
     toc = ["format: jb-book", "root: intro", "chapters:"] + [f"  - file: {p.stem}" for p in paths]
     (source_dir / "_toc.yml").write_text("\n".join(toc) + "\n")

@@ -130,8 +130,8 @@ def test_the_book_config_gets_jupyter_books_launch_buttons_only_when_published()
     assert "colab_url: https://colab.research.google.com" in config and "binderhub_url: https://mybinder.org" in config
 
 
-@pytest.mark.parametrize("urls_table", ["", '[project.urls]\nHomepage = "h"\n\n',
-                                        '[project.urls]\nRepository = "https://github.com/old/one"\nHomepage = "h"\n\n'])
+@pytest.mark.parametrize("urls_table", [
+    "", '[project.urls]\nHomepage = "h"\n\n', '[project.urls]\nRepository = "https://github.com/old/one"\nHomepage = "h"\n\n'])
 def test_the_url_goes_into_project_urls_and_nowhere_else(tmp_path, urls_table):
     """Written into [project.urls] (added, extended or updated), read back from there, another table's
     Repository key untouched; the file stays valid TOML."""

@@ -54,8 +54,8 @@ class FlashSegments:
 def flash_segments(every, past: int, attention_mask, position_ids) -> FlashSegments:
     """The intra stream's segments for a flash kernel (FlashSegments): every [B, K] is the modality of all K
     tokens (cached, then the Q new ones). A token belongs to segment (row, document, modality); documents are the
-    sequences that padding-free training packs into one row (position ids restarting at 0, no attention mask:
-    transformers' own rule), else one per row. Padding (attention_mask 0) belongs to none."""
+    sequences that padding-free training packs into one row (position ids restarting at their first value, no
+    attention mask: transformers' own rule), else one per row. Padding (attention_mask 0) belongs to none."""
     batch, key_length = every.shape
     device = every.device
     if attention_mask is None:
@@ -70,7 +70,8 @@ def flash_segments(every, past: int, attention_mask, position_ids) -> FlashSegme
                          f"flash-attention kernel with intra heads, got {shape}")
     documents = torch.zeros_like(every)
     if attention_mask is None and past == 0 and position_ids is not None and _is_packed_sequence(position_ids, batch):
-        documents = (position_ids.to(device) == 0).long().cumsum(1)
+        positions = position_ids.to(device)
+        documents = (positions == positions.min()).long().cumsum(1)      # a document starts where positions restart
     modalities = NUM_MODALITIES
     per_row = (int(documents.max()) + 1) * modalities
     nowhere = batch * per_row                                       # padding's segment, dropped

@@ -125,6 +125,7 @@ def test_publish_refuses_a_notebook_without_its_install_cell_before_writing(tmp_
 
 def test_the_book_config_gets_jupyter_books_launch_buttons_only_when_published():
     assert launch.book_config(None) == ""
+    assert f"url: {URL}\n" in launch.book_config(URL + ".git")          # the theme's links need no .git
     config = launch.book_config(URL)
     assert f"url: {URL}" in config and "path_to_book: notebooks" in config
     assert "colab_url: https://colab.research.google.com" in config and "binderhub_url: https://mybinder.org" in config

@@ -200,7 +200,8 @@ def bench_figures(results: Path) -> str:
         f"{t[8192, 'sigma_module']:.2f}x at 8192; with packing free {t[4096, 'sigma_module_packing_free']:.2f}x and "
         f"{t[8192, 'sigma_module_packing_free']:.2f}x; GatedAttention {t[4096, 'gated_module']:.2f}x at 4096.",
         f"- Training step of the tiny model: standard {s['standard'][1]:.1f} ms; SIGMA {s['sigma'][2]:.2f}x, Gated "
-        f"{s['gated'][2]:.2f}x, a standard step plus the gate's bare arithmetic {s['gate_arithmetic'][2]:.2f}x.",
+        f"{s['gated'][2]:.2f}x, " + (f"MODA {s['moda'][2]:.2f}x, " if "moda" in s else "") +
+        f"a standard step plus the gate's bare arithmetic {s['gate_arithmetic'][2]:.2f}x.",
         f"- Peak memory growth: packed kernel {m[4096, 'sigma_packed']:.2f}x / {m[8192, 'sigma_packed']:.2f}x causal "
         f"SDPA at 4096 / 8192; SigmaAttention module {m[4096, 'sigma_module']:.2f}x / {m[8192, 'sigma_module']:.2f}x "
         f"the StandardAttention module.",

@@ -128,6 +128,6 @@ def book_config(repository: str | None) -> str:
     """jupyter-book's repository and launch-button settings (YAML, to append to _config.yml), or ""."""
     if not repository:
         return ""
-    check_repository(repository)
-    return (f"repository:\n  url: {repository}\n  path_to_book: notebooks\n  branch: {BRANCH}\n"
+    owner, repo = check_repository(repository)                # the theme builds its links from owner/repo
+    return (f"repository:\n  url: https://github.com/{owner}/{repo}\n  path_to_book: notebooks\n  branch: {BRANCH}\n"
             f"launch_buttons:\n  notebook_interface: jupyterlab\n  binderhub_url: {BINDER}\n  colab_url: {COLAB}\n")

@@ -364,11 +364,23 @@ def test_llava_through_flash_equals_sdpa():
     torch.testing.assert_close(flash.logits.float()[real], sdpa.logits.float()[real], rtol=0, atol=0.03)
 
 
-def test_flash_refuses_what_it_cannot_express():
+def test_flash_runs_a_sliding_window_model_within_its_window_and_refuses_beyond():
+    """Within the window (Mistral's default is 4096) the window changes nothing and the flash route equals
+    sdpa's; a sequence longer than the window needs the window inside the intra mask: a named refusal."""
+    ids, mask = right_padded(batch=4)          # 12 tokens a row, 45 packed: more than the window, which must not
+    model = randomize_gates(sigmafy(tiny_decoder("mistral", sliding_window=32), image_token_id=IMAGE_ID))
+    flash, sdpa, calls = flash_and_sdpa(model.to(torch.bfloat16), ids, attention_mask=mask)
+    assert "flash_attn_varlen_func" in calls
+    real = mask.bool()
+    torch.testing.assert_close(flash.logits.float()[real], sdpa.logits.float()[real], rtol=0, atol=0.03)
     model = sigmafy(tiny_decoder("mistral", sliding_window=5), num_intra_heads=2, image_token_id=IMAGE_ID)
     ids, mask = right_padded()
-    with hf_flash_double(model.config), pytest.raises(ValueError, match="cannot keep a sliding window"):
+    with hf_flash_double(model.config), pytest.raises(ValueError, match="got 12 tokens for a window of 5"):
         model.to(torch.bfloat16)(ids, attention_mask=mask)
+
+
+def test_flash_refuses_what_it_cannot_express():
+    ids, mask = right_padded()
     model = sigmafy(tiny_decoder(), image_token_id=IMAGE_ID).to(torch.bfloat16)
     with hf_flash_double(model.config), pytest.raises(ValueError, match=r"attention_mask must be a \[batch, seq\]"):
         model(ids, attention_mask=torch.ones(2, 1, 12, 12, dtype=torch.bool))

@@ -68,10 +68,11 @@ class SigmaGates(StreamGates, nn.Module):
     """The parameters SIGMA adds to one converted layer (`self_attn.sigma`): its two gates and stream bias."""
 
     def __init__(self, input_size: int, head_dim: int, num_heads: int, num_intra_heads: int, settings: dict,
-                 sliding: bool):
+                 window: int | None):
         super().__init__()
         self.num_intra_heads = num_intra_heads
-        self.sliding = sliding                    # which of the model's masks this layer's global stream uses
+        self.window = window                      # the layer's sliding window (None: full attention)
+        self.sliding = window is not None         # which of the model's masks this layer's global stream uses
         widths = (num_intra_heads * head_dim, (num_heads - num_intra_heads) * head_dim)
         self._init_stream_gates(input_size, widths, settings["use_gates"], settings["use_stream_bias"],
                                 settings["bias_init"])
@@ -131,10 +132,13 @@ def sigma_attention(module, query, key, value, attention_mask, sigma_plan=None, 
     h_kv = h // group                                              # the split falls on a K/V group boundary
     if is_flash(base):
         module = AsTheModelSees(module)                            # the flash code reads the kernel's name there
-        if h and gates.sliding:
-            raise ValueError(f"attn_implementation {base!r} cannot keep a sliding window inside the intra stream's "
-                             "packed segments; use 'sdpa', 'eager' or 'flex_attention' for a model with "
-                             "sliding-window layers and intra heads")
+        seen, held = sigma_plan.flash_segments.key_length if h else 0, key.shape[2]
+        if h and gates.sliding and (seen > gates.window or held < seen):
+            # A window shorter than the sequence (or a cache that has dropped tokens) counts positions of the
+            # whole sequence, which the intra stream's packed segments no longer have.
+            raise ValueError(f"attn_implementation {base!r} with intra heads needs the sequence within the layer's "
+                             f"sliding window, got {seen} tokens for a window of {gates.window}; use 'sdpa', 'eager' "
+                             "or 'flex_attention', which hold the window in the intra mask")
     parts = []
     if h and is_flash(base):
         parts.append((flash_intra(kernel, module, query[:, :h], key[:, :h_kv], value[:, :h_kv],
@@ -235,7 +239,7 @@ def sigmafy(model, num_intra_heads: int | None = None, bias_init=DEFAULT_BIAS_IN
         sliding_kinds.add(window is not None)
         weight = attn.q_proj.weight
         attn.sigma = SigmaGates(config.hidden_size, head_dim, heads, num_intra_heads, settings,
-                                window is not None).to(device=weight.device, dtype=weight.dtype)
+                                window).to(device=weight.device, dtype=weight.dtype)
         attn.config = _SigmaView(attn.config)
         attn.register_forward_pre_hook(_pass_layer_input, with_kwargs=True)
     lm.sigma_settings = dict(settings, sliding_kinds=sorted(sliding_kinds))

@@ -7,8 +7,9 @@ that modality's new tokens as queries and all its tokens so far as keys (`FlashS
 transformers' padding-free varlen arguments (cu_seq_lens_q / _k). flash-attn aligns its causal mask
 bottom-right, and the new queries are the last keys of their segment, so "causal within the segment" is the
 intra mask, during training, prefill and cached decoding, with left or right padding. A sliding-window
-layer's window counts positions of the whole sequence, which a packed segment no longer has: with intra
-heads such a layer needs a maskable kernel (a ValueError says so). On CPU,
+layer's window counts positions of the whole sequence, which a packed segment no longer has: a sequence within
+the window runs (the window changes nothing there, and flash applies it only beyond), a longer one needs a
+maskable kernel (a ValueError says so). On CPU,
 `sigma_ref.testing.hf.hf_flash_double` runs this route through transformers' own flash code with flash_double
 as the kernel.
 
@@ -112,7 +113,9 @@ def flash_intra(kernel, module, query, key, value, segments: FlashSegments, kwar
         pack(value, key_length, segments.order_k)
     varlen = {"cu_seq_lens_q": segments.cu_q, "cu_seq_lens_k": segments.cu_k, "max_length_q": segments.max_q,
               "max_length_k": segments.max_k}
-    packed, _ = kernel(module, q, k, v, None, **{**kwargs, "position_ids": None, **varlen})    # [1, N_q, h, d]
+    # No window: the caller lets a sliding-window layer here only when the sequence fits in its window, and
+    # transformers would otherwise apply it to the packed length, which is not a position in any sequence.
+    packed, _ = kernel(module, q, k, v, None, **{**kwargs, "position_ids": None, "sliding_window": None, **varlen})
     out = out.to(packed.dtype).index_put((segments.order_q,), packed[0])
     return out.view(batch, q_len, heads, dim)
 

@@ -352,6 +352,12 @@ def test_flash_packed_documents_stay_apart():
         as_one = model(row).logits                                      # the same row read as one sequence
     torch.testing.assert_close(packed[:, 8:], alone, rtol=0, atol=0.03)
     assert (as_one[:, 8:].float() - alone.float()).abs().max() > 0.1  # what the check above tells apart
+    # The boundaries as the flattening collator can also pass them: cumulative lengths, no position ids
+    # (rotary positions then run on, which moves no score: they are relative).
+    cu = torch.tensor([0, 8, 16], dtype=torch.int32)
+    with hf_flash_double(model.config):
+        by_lengths = model(row, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=8, max_length_k=8).logits
+    torch.testing.assert_close(by_lengths[:, 8:], alone, rtol=0, atol=0.03)
 
 
 def test_llava_through_flash_equals_sdpa():

@@ -318,7 +318,8 @@ def _prepare_forward(lm, args, kwargs):
 
     masks, layout, segments = {}, None, None
     if settings["num_intra_heads"] and is_flash(lm.config._attn_implementation):
-        segments = flash_segments(every, past, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        segments = flash_segments(every, past, kwargs.get("attention_mask"), kwargs.get("position_ids"),
+                                  kwargs.get("cu_seq_lens_q"))
     elif settings["num_intra_heads"]:
         attention_mask = kwargs.get("attention_mask")
         layout = _packed_layout(lm.config, every, past, attention_mask, kwargs.get("position_ids"))

@@ -52,11 +52,12 @@ class FlashSegments:
     key_length: int
 
 
-def flash_segments(every, past: int, attention_mask, position_ids) -> FlashSegments:
+def flash_segments(every, past: int, attention_mask, position_ids, cu_seq_lens=None) -> FlashSegments:
     """The intra stream's segments for a flash kernel (FlashSegments): every [B, K] is the modality of all K
     tokens (cached, then the Q new ones). A token belongs to segment (row, document, modality); documents are the
-    sequences that padding-free training packs into one row (position ids restarting at their first value, no
-    attention mask: transformers' own rule), else one per row. Padding (attention_mask 0) belongs to none."""
+    sequences that padding-free training packs into one row, as transformers reads them: from `cu_seq_lens`
+    (its cu_seq_lens_q, when the caller passes it) or else from position ids restarting at their first value,
+    with no attention mask; otherwise one per row. Padding (attention_mask 0) belongs to none."""
     batch, key_length = every.shape
     device = every.device
     if attention_mask is None:
@@ -70,7 +71,10 @@ def flash_segments(every, past: int, attention_mask, position_ids) -> FlashSegme
         raise ValueError(f"attention_mask must be a [batch, seq] padding mask of at least {key_length} tokens for a "
                          f"flash-attention kernel with intra heads, got {shape}")
     documents = torch.zeros_like(every)
-    if attention_mask is None and past == 0 and position_ids is not None and _is_packed_sequence(position_ids, batch):
+    if attention_mask is None and past == 0 and batch == 1 and cu_seq_lens is not None:
+        starts = cu_seq_lens.to(device)[1:-1]                                  # where documents 1, 2, ... start
+        documents = torch.bucketize(torch.arange(key_length, device=device), starts, right=True)[None]
+    elif attention_mask is None and past == 0 and position_ids is not None and _is_packed_sequence(position_ids, batch):
         positions = position_ids.to(device)
         documents = (positions == positions.min()).long().cumsum(1)      # a document starts where positions restart
     modalities = NUM_MODALITIES

@@ -138,7 +138,7 @@ def _release(args) -> None:
 
 
 def _publish(args) -> None:
-    written = course.publish(args.root, args.repository)
+    written = course.publish(args.repository, args.root)
     print(f"published at {args.repository}: wrote {len(written)} files (pyproject.toml, every "
           f"notebook's install cell, README.md's launch badges); `python -m sigma_ref book` adds launch buttons")
 
@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("publish", help="write the course's public GitHub URL where it links to itself: "
                                             "the notebooks' install cells, README's Colab/Binder badges, the book")
     p.add_argument("--repository", required=True, help="https://github.com/OWNER/REPO")
-    p.add_argument("--root", default=".", help="the course checkout to write into (default: the current directory)")
+    p.add_argument("--root", default=None, help="the course checkout to write into (default: the one this package "
+                                                "is installed from)")
     p.set_defaults(run=_publish)
 
     p = commands.add_parser("book", help="execute the notebooks (solved) and build the course as a static site")

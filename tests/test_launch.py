@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from IPython.core.inputtransformer2 import TransformerManager
 
+from sigma_ref import __main__ as cli
 from sigma_ref.teaching import course, launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,13 +88,13 @@ def checkout_copy(tmp_path) -> Path:
 def test_publish_writes_the_url_wherever_the_course_links_to_itself(tmp_path):
     root = checkout_copy(tmp_path)
     for url in (URL, "https://github.com/another/fork.git"):                # republishing replaces
-        written = course.publish(root, url)
+        written = course.publish(url, root)
         assert len(written) == len(NOTEBOOKS) + 2
         assert launch.repository_url(root / "pyproject.toml") == url
         assert tomllib.loads((root / "pyproject.toml").read_text())["project"]["name"] == "sigma_ref"
         for path in course.course_notebooks(root / "notebooks"):
             cell, = [c for c in course.read(path)["cells"] if launch.is_install_cell(c)]
-            assert launch.published_repository(cell) == url and course.source(cell) == launch.install_cell(url)
+            assert course.source(cell) == launch.install_cell(url)
         readme = (root / "README.md").read_text()
         assert readme.count(launch.BADGES_BEGIN) == 1 and readme.count("colab-badge.svg") == 1
     owner_repo = "another/fork"
@@ -102,13 +103,22 @@ def test_publish_writes_the_url_wherever_the_course_links_to_itself(tmp_path):
     assert f"(https://mybinder.org/v2/gh/{owner_repo}/main?labpath=notebooks%2F00_the_latte_problem.ipynb)" in readme
 
 
+def test_the_publish_command_writes_the_checkout_it_is_given(tmp_path, capsys):
+    root = checkout_copy(tmp_path)
+    before = (ROOT / "pyproject.toml").read_text()
+    cli.main(["publish", "--repository", URL, "--root", str(root)])
+    assert launch.repository_url(root / "pyproject.toml") == URL
+    assert f"published at {URL}" in capsys.readouterr().out
+    assert (ROOT / "pyproject.toml").read_text() == before                   # the real checkout untouched
+
+
 @pytest.mark.parametrize("url", ["https://gitlab.com/a/b", "http://github.com/a/b", "https://github.com/a",
                                  "github.com/a/b", None])
 def test_publish_takes_only_a_github_repository_and_writes_nothing_otherwise(tmp_path, url):
     root = checkout_copy(tmp_path)
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match=r"repository must be a GitHub URL https://github.com/OWNER/REPO.*got"):
-        course.publish(root, url)
+        course.publish(url, root)
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
 
 
@@ -119,7 +129,7 @@ def test_publish_refuses_a_notebook_without_its_install_cell_before_writing(tmp_
     nb["cells"] = [c for c in nb["cells"] if not launch.is_install_cell(c)]
     course.write(nb, path)
     with pytest.raises(ValueError, match=rf"{path.name} has 0 install cells"):
-        course.publish(root, URL)
+        course.publish(URL, root)
     assert launch.repository_url(root / "pyproject.toml") is None
 
 
@@ -131,8 +141,9 @@ def test_the_book_config_gets_jupyter_books_launch_buttons_only_when_published()
     assert "colab_url: https://colab.research.google.com" in config and "binderhub_url: https://mybinder.org" in config
 
 
-@pytest.mark.parametrize("urls_table", [
-    "", '[project.urls]\nHomepage = "h"\n\n', '[project.urls]\nRepository = "https://github.com/old/one"\nHomepage = "h"\n\n'])
+@pytest.mark.parametrize("urls_table", ["", '[project.urls]\nHomepage = "h"\n\n',
+                                        '[project.urls]\nRepository = "https://github.com/old/one"\n'
+                                        'Homepage = "h"\n\n'])
 def test_the_url_goes_into_project_urls_and_nowhere_else(tmp_path, urls_table):
     """Written into [project.urls] (added, extended or updated), read back from there, another table's
     Repository key untouched; the file stays valid TOML."""

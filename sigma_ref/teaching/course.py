@@ -201,9 +201,12 @@ def write(nb: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
+CHECKOUT = Path(__file__).resolve().parents[2]          # the source checkout this package is installed from
+
+
 def default_notebooks_dir() -> Path:
     """The course's notebooks/ in the source checkout that this package is installed from."""
-    directory = Path(__file__).resolve().parents[2] / "notebooks"
+    directory = CHECKOUT / "notebooks"
     if not directory.is_dir():
         raise ValueError(f"notebooks: no course notebooks at {directory} (sigma_ref is not installed from a "
                          "checkout of the course); pass the notebooks directory explicitly")
@@ -308,12 +311,12 @@ docs/TEACHING.md give the committed, several-seed results.
 """
 
 
-def publish(root: str | Path, repository: str) -> list[Path]:
-    """Write the course's public URL everywhere it links to itself, in the checkout at `root` (launch.py):
-    pyproject.toml's [project.urls] Repository, every notebook's install cell, README.md's launch badges.
-    Returns the files written."""
+def publish(repository: str, root: str | Path | None = None) -> list[Path]:
+    """Write the course's public URL everywhere it links to itself, in the checkout at `root` (default: the one
+    this package is installed from; launch.py): pyproject.toml's [project.urls] Repository, every notebook's
+    install cell, README.md's launch badges. Returns the files written."""
     launch.check_repository(repository)
-    root = Path(root)
+    root = CHECKOUT if root is None else Path(root)
     paths = course_notebooks(root / "notebooks")
     notebooks = {path: read(path) for path in paths}
     for path, nb in notebooks.items():                       # every notebook checked before any file changes
@@ -359,8 +362,8 @@ def build_book(out: str | Path, notebooks_dir: str | Path | None = None,
             if EXERCISE in tags(cell):
                 cell["metadata"]["tags"] = tags(cell) + ["hide-input"]
         write(nb, source_dir / path.name)
-    if repository is None and (Path(__file__).resolve().parents[2] / "pyproject.toml").is_file():
-        repository = launch.repository_url(Path(__file__).resolve().parents[2] / "pyproject.toml")
+    if repository is None and (CHECKOUT / "pyproject.toml").is_file():
+        repository = launch.repository_url(CHECKOUT / "pyproject.toml")
     (source_dir / "_config.yml").write_text(BOOK_CONFIG + launch.book_config(repository))
     (source_dir / "intro.md").write_text(BOOK_INTRO)
     toc = ["format: jb-book", "root: intro", "chapters:"] + [f"  - file: {p.stem}" for p in paths]

@@ -69,14 +69,6 @@ def is_install_cell(cell: dict) -> bool:
     return cell.get("cell_type") == "code" and "COURSE_REPOSITORY = " in text
 
 
-def published_repository(cell: dict) -> str:
-    """The URL an install cell holds ("" when unpublished)."""
-    match = re.search(r"^COURSE_REPOSITORY = '([^']*)'", "".join(cell["source"]), re.M)
-    if match is None:
-        raise ValueError("cell: expected the course's install cell (a line COURSE_REPOSITORY = '...'), got another")
-    return match[1]
-
-
 def repository_url(pyproject: str | Path) -> str | None:
     """The published URL, pyproject.toml's [project.urls] Repository, or None. (Read as text, the line that
     with_repository_url writes: tomllib is Python 3.11's, and the package runs on 3.10.)"""

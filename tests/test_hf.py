@@ -480,6 +480,20 @@ def test_torchrun_with_two_processes_matches_one(tmp_path):
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=0, atol=1e-4)
 
 
+def test_fine_tuning_on_a_cpu_trains_with_one_thread(tmp_path):
+    """The package's thread policy (runtime.py) holds inside Trainer too: torch's default threads collapse when
+    another program holds a core. The caller's thread count is back afterwards."""
+    from sigma_ref.hf import finetune
+    from sigma_ref.runtime import TRAINING_THREADS, torch_threads
+
+    seen = []
+    with torch_threads(2), mock.patch.object(transformers.Trainer, "train",
+                                             lambda self: seen.append(torch.get_num_threads())):
+        finetune.finetune(finetune.build("sigma"), tmp_path, steps=1, batch_size=2, train_size=4)
+        after = torch.get_num_threads()
+    assert seen == [TRAINING_THREADS] and after == 2
+
+
 def test_the_benchmark_measures_both_models_side_by_side():
     """hf.bench at a short length: both models timed side by side, the ratio of what was measured (no timing is
     asserted: a shared machine makes any timing lie). Its memory measure runs in fresh processes; the committed

@@ -21,6 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..checks import check_choice, check_int
+from ..runtime import TRAINING_THREADS, torch_threads
 from . import toy
 from .convert import sigmafy
 
@@ -75,7 +76,10 @@ def finetune(model, out_dir, steps: int = 600, batch_size: int = 16, learning_ra
     log = LossLog(eval_every)
     trainer = Trainer(model=model, args=args, train_dataset=toy.ToyCaptions(size=train_size, seed=seed),
                       data_collator=toy.collate, callbacks=[log])
-    trainer.train()
+    # On a CPU, one thread per training process, the package's thread policy (runtime.py): torch's default
+    # threads collapse when another program holds a core (a notebook's 300 steps went from 26 s to over 300 s).
+    with torch_threads(torch.get_num_threads() if torch.cuda.is_available() else TRAINING_THREADS):
+        trainer.train()
     return trainer, log
 
 

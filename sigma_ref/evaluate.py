@@ -2,6 +2,7 @@
 
     evaluate(model, scenes)            exact match, per-slot accuracy and caption loss on a list of scenes
     exact_match(model, scenes)         exact match and caption loss in one forward pass, without decoding
+    teacher_forced_batches(scenes)     its batches, encoded once for a caller that reads the same scenes often
     dilution(model, scenes)            text-only accuracy and loss with blank / noise image tokens inserted
     evaluate_all(model, samples)       every model metric that metrics.json records
     load_model(checkpoint, device)     a trained model from the trainer's checkpoint, ready to evaluate
@@ -78,9 +79,21 @@ def evaluate(model: TinyMLLM, scenes: list[dict], inserted: int = 0, kind: str =
                          for p, e in list(zip(predictions, examples))[:8]]}
 
 
+def teacher_forced_batches(scenes: list[dict], inserted: int = 0, kind: str = "blank", batch_size: int = 128,
+                           device="cpu") -> list[dict]:
+    """The scenes encoded and collated once into exact_match's batches (whole sequences, prompts of one length
+    per batch), on `device`: a caller that reads the same scenes many times (the stopping rule, every 25 steps)
+    passes these instead of the scenes and skips encoding them again."""
+    examples, chunks = encoded_chunks(scenes, inserted, kind, batch_size)
+    if max(len(e.caption) for e in examples) >= MAX_CAPTION_TOKENS:
+        raise ValueError(f"exact_match: captions must be shorter than {MAX_CAPTION_TOKENS} words (what evaluate() "
+                         f"decodes, <eos> included), got {max(len(e.caption) for e in examples)}")
+    return [to_device(D.collate([examples[i] for i in chunk]), device) for chunk in chunks]
+
+
 @torch.no_grad()
 def exact_match(model: TinyMLLM, scenes: list[dict], inserted: int = 0, kind: str = "blank",
-                batch_size: int = 128) -> dict:
+                batch_size: int = 128, batches: list[dict] | None = None) -> dict:
     """evaluate()'s exact match and caption loss from one teacher-forced forward pass, without decoding.
 
     Greedy decoding writes the reference caption exactly when, at every answer position, the reference's next
@@ -91,25 +104,23 @@ def exact_match(model: TinyMLLM, scenes: list[dict], inserted: int = 0, kind: st
     cannot give is what a wrong caption looks like (slot accuracies, examples): evaluate() decodes for those.
     Nor can it read a model whose attention is being edited (VAR, var.redistributing): the edit finds its sinks
     at the prefill, which here would hold the caption too, so it would differ from decoding.
+    `batches` (teacher_forced_batches of these scenes) replaces encoding them here; `scenes` may then be None.
     """
     if any(block.attn.probs_edit is not None for block in model.blocks):
         raise ValueError("exact_match: the model's attention is being edited (probs_edit is set, e.g. inside "
                          "var.redistributing); expected a plain model: use evaluate(), which decodes")
     model.eval()
     device = next(model.parameters()).device
-    examples, chunks = encoded_chunks(scenes, inserted, kind, batch_size)
-    if max(len(e.caption) for e in examples) >= MAX_CAPTION_TOKENS:
-        raise ValueError(f"exact_match: captions must be shorter than {MAX_CAPTION_TOKENS} words (what evaluate() "
-                         f"decodes, <eos> included), got {max(len(e.caption) for e in examples)}")
-    correct, losses = 0, []
-    for chunk in chunks:
-        batch = to_device(D.collate([examples[i] for i in chunk]), device)
+    batches = batches if batches is not None else teacher_forced_batches(scenes, inserted, kind, batch_size, device)
+    correct, losses, count = 0, [], 0
+    for batch in batches:
         out = model(batch)
         targets = batch["targets"]                                        # [B, S], IGNORE off the answer
         right = (out.logits.argmax(-1) == targets) | (targets == D.IGNORE)   # [B, S]
         correct += int(right.all(-1).sum())
-        losses.append(out.loss.item() * len(chunk))
-    return {"exact_match": correct / len(examples), "loss": sum(losses) / len(examples)}
+        losses.append(out.loss.item() * len(targets))
+        count += len(targets)
+    return {"exact_match": correct / count, "loss": sum(losses) / count}
 
 
 def dilution(model, scenes: list[dict] | None = None, counts=DILUTION_TOKENS, kinds=("blank", "noise")) -> dict:

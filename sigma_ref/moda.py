@@ -28,8 +28,10 @@ Paper and released code differ, and each difference is a switch (AttentionConfig
 
 One path computes all of it (dense, the `math` backend): the probabilities are needed anyway for the
 pseudo-logit, and the course's sequences are short. gram_matrices() builds G_j for every token, as defined;
-the layer computes one G per run of same-modality tokens (run_grams: a run of image tokens holds no text,
-so all its tokens see the same causal sum), the same function in far less memory, held equal by the tests.
+the layer computes one G per run of same-modality tokens, both directions in the same three matmuls
+(alignment_directions: a run of image tokens holds no text, so all its tokens see the same causal sum), the
+same function in far less memory and time, held equal by the tests. Two modalities (masks.NUM_MODALITIES):
+each run's source is "the other one".
 
 Right padding and KV-cached decoding work as in the other layers; with moda_causal=False a cached decode does
 not re-align keys already cached (as released), so it differs from recomputing the sequence, which is that
@@ -88,19 +90,43 @@ def modality_runs(ids: torch.Tensor) -> torch.Tensor:
     return changes.cumsum(1) - 1
 
 
-def run_sums(k: torch.Tensor, x: torch.Tensor, counts: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
-    """Each run's gram terms summed, [B, H, R, d, d]: one matmul per run, (k_hat * counts)^T x over its tokens,
-    without building the per-token [S, d, d] tensor."""
+def alignment_directions(k: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, causal: bool,
+                         carried: torch.Tensor | None = None, totals: bool = False):
+    """a_j = k_hat_j rownorm(G_j) for every token j at once, each against the OTHER modality's Gram matrix:
+    (a [B, H, S, d], and with totals=True the Gram sum of this call's counted tokens per modality
+    [B, H, M, d, d], what a cache carries to the next call; else None).
+
+    gram_matrices() builds one [d, d] matrix per token. Here one per run of same-modality tokens suffices: a
+    run holds no token of the other modality, so all its tokens see the same sum (the runs of the other
+    modality before it; with causal=False, all of them). Three small matmuls, whatever the layout:
+        sums  [R, d, d]   each run's terms, k_hat^T x over its counted tokens: k_hat "spread" into its run's
+                          slot of an [S, R*d] matrix, times x [S, d]
+        grams [R, d, d]   sees [R, R] (earlier runs of the other modality) times sums, + carried [M, d, d]
+                          (the cache's sums, by modality) of the other modality
+        a     [S, d]      spread [S, R*d] times the row-normalised grams [R*d, d]: each token reads its own run's
+    `counts` [B, S] marks the tokens whose terms enter a sum (real tokens, not padding).
+    """
+    B, H, S, d = k.shape
+    runs = modality_runs(ids)                                                      # [B, S]
     num_runs = int(runs.max()) + 1 if runs.numel() else 1
-    member = F.one_hot(runs, num_runs).to(k.dtype) * counts[..., None].to(k.dtype)     # [B, S, R]
-    return torch.einsum("bsr,bhsi,bhsj->bhrij", member, normalised_keys(k), x)
-
-
-def run_grams(k: torch.Tensor, x: torch.Tensor, counts: torch.Tensor, runs: torch.Tensor, causal: bool,
-              carried: torch.Tensor | None = None) -> torch.Tensor:
-    """The Gram matrix each run's tokens see, [B, H, R, d, d]: gram_matrices() at one token per run. A run of
-    target tokens holds no source token, so all its tokens see the same causal sum: the runs before it."""
-    return preceding(run_sums(k, x, counts, runs), causal, carried)
+    member = F.one_hot(runs, num_runs).to(k.dtype)                                 # [B, S, R]
+    run_ids = ids.new_zeros(B, num_runs).scatter_(1, runs, ids)                    # each run's modality [B, R]
+    spread = (normalised_keys(k)[:, :, :, None, :] * member[:, None, :, :, None]).flatten(3)   # [B, H, S, R*d]
+    sums = spread.transpose(-2, -1) @ (x * counts[:, None, :, None].to(x.dtype))    # [B, H, R*d, d]
+    sums = sums.view(B, H, num_runs, d * d)                                        # [B, H, R, d*d]
+    earlier = torch.ones(num_runs, num_runs, dtype=torch.bool, device=k.device)
+    earlier = earlier.tril(-1) if causal else earlier
+    sees = earlier & (run_ids[:, None, :] != run_ids[:, :, None])                   # [B, R, R]: r sees q
+    grams = (sees[:, None].to(k.dtype) @ sums).view(B, H, num_runs, d, d)          # [B, H, R, d, d]
+    if carried is not None:                                                        # [B, H, M, d, d]: source = other
+        other = (NUM_MODALITIES - 1 - run_ids)[:, None, :, None, None].expand(-1, H, -1, d, d)
+        grams = grams + carried.gather(2, other)
+    normalised = grams / grams.norm(dim=-1, keepdim=True).clamp_min(1e-12)        # rownorm(G) per run
+    a = spread @ normalised.view(B, H, num_runs * d, d)                            # [B, H, S, d]
+    if not totals:
+        return a, None
+    by_modality = F.one_hot(run_ids, NUM_MODALITIES).to(k.dtype).transpose(1, 2)   # [B, M, R]
+    return a, (by_modality[:, None] @ sums).view(B, H, NUM_MODALITIES, d, d)       # [B, H, M, d, d]
 
 
 def row_normalised(gram: torch.Tensor) -> torch.Tensor:
@@ -129,14 +155,8 @@ class Aligner(nn.Module):
         a = (scale[..., :, None] * gram).sum(-2)                                     # [B, H, S, d]
         return self.fuser(k + self.r * a)
 
-    def by_runs(self, k: torch.Tensor, grams: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
-        """The same as forward() when the tokens of each run share a Gram matrix: grams [B, H, R, d, d] from
-        run_grams(), runs [B, S] -> aligned keys [B, H, S, d]."""
-        inverse_norms = 1 / grams.norm(dim=-1).clamp_min(1e-12)                     # [B, H, R, d]
-        index = runs[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])       # [B, H, S, d]
-        scale = normalised_keys(k) * inverse_norms.gather(2, index)                  # k_hat / |G[r]| of its run
-        every_run = torch.einsum("bhsi,bhrij->bhsrj", scale, grams)                  # [B, H, S, R, d]
-        a = every_run.gather(3, index[:, :, :, None, :]).squeeze(3)                   # its own run's: [B, H, S, d]
+    def aligned_keys(self, k: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """k' = W_f (k + r * a) from the directions a [B, H, S, d] of alignment_directions()."""
         return self.fuser(k + self.r * a)
 
 
@@ -187,19 +207,19 @@ class ModaAttention(_Attention):
     def align(self, k, v, ids, counts, cache: KVCache | None = None) -> torch.Tensor:
         """Aligned keys [B, H, S, d]: each modality's keys through its aligner, against the other's Gram matrix.
         `counts` [B, S] marks the positions whose terms enter a Gram sum (real tokens, not padding)."""
-        aligned, runs = k, modality_runs(ids)
+        if self.image_aligner is None:                  # alignment off (a text aligner needs an image one)
+            return k
+        carried = cache.state.get("moda_grams") if cache is not None else None     # [B, H, M, d, d]
         x = k if self.config.moda_gram == "kk" else v
-        for target, source, aligner in ((IMAGE, TEXT, self.image_aligner), (TEXT, IMAGE, self.text_aligner)):
-            if aligner is None:
-                continue
-            carried = cache.state.get(source) if cache is not None else None
-            sums = run_sums(k, x, counts & (ids == source), runs)                 # [B, H, R, d, d]
-            keys = aligner.by_runs(k, preceding(sums, self.config.moda_causal, carried), runs)
-            aligned = torch.where((ids == target)[:, None, :, None], keys, aligned)
-            if cache is not None:                       # every source token of this call, for the next one
-                total = sums.sum(2)
-                cache.state[source] = total if carried is None else carried + total
-        return aligned
+        a, totals = alignment_directions(k, x, ids, counts, self.config.moda_causal, carried, cache is not None)
+        if cache is not None:                           # every counted token of this call, for the next one
+            cache.state["moda_grams"] = totals if carried is None else carried + totals
+        image = (ids == IMAGE)[:, None, :, None]                                     # [B, 1, S, 1]
+        if self.text_aligner is None:                   # image keys only (the released form)
+            return torch.where(image, self.image_aligner.aligned_keys(k, a), k)
+        # Both directions: each token's own r and W_f, picked by its modality, in one pass over the keys.
+        u = k + torch.where(image, self.image_aligner.r, self.text_aligner.r) * a    # [B, H, S, d]
+        return torch.where(image, self.image_aligner.fuser(u), self.text_aligner.fuser(u))
 
     def forward(self, x, modality_ids, return_details: bool = False, cache: KVCache | None = None, valid=None):
         layout = self._inputs(x, modality_ids, valid)
@@ -232,4 +252,4 @@ class ModaAttention(_Attention):
 
 
 __all__ = ["ModaAttention", "Aligner", "pseudo_logit", "gram_terms", "gram_matrices", "preceding", "modality_runs",
-           "run_sums", "run_grams", "row_normalised", "normalised_keys", "PSEUDO_LENGTH", "PSEUDO_BETA"]
+           "alignment_directions", "row_normalised", "normalised_keys", "PSEUDO_LENGTH", "PSEUDO_BETA"]

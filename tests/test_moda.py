@@ -51,21 +51,42 @@ def test_the_worked_example():
 
 
 @settings(max_examples=40, deadline=None)
-@given(modality_rows(max_batch=3, max_len=24), st.booleans(), st.booleans(), st.data())
-def test_the_run_by_run_gram_is_the_per_token_definition(ids, causal, released, data):
-    """ModaAttention computes one Gram matrix per run of same-modality tokens; the definition builds one per
-    token. The same aligned keys, with padding and random r and W_f."""
+@given(modality_rows(max_batch=3, max_len=24), st.booleans(), st.booleans(), st.booleans(), st.data())
+def test_the_run_by_run_directions_are_the_per_token_definition(ids, causal, released, cached, data):
+    """The layer computes one Gram matrix per run of same-modality tokens, for both directions at once; the
+    definition builds one per token and direction. The same aligned keys, with padding, random r and W_f, and
+    Gram sums carried from a cache."""
     B, S = ids.shape
     valid = torch.arange(S)[None, :] < torch.tensor([data.draw(st.integers(1, S)) for _ in range(B)])[:, None]
     k, v = torch.randn(B, H, S, 8), torch.randn(B, H, S, 8)
+    carried = torch.randn(B, H, 2, 8, 8) if cached else None
     aligner = trained_like(moda.Aligner(8, "released" if released else "identity"))
+    a, totals = moda.alignment_directions(k, v, ids, valid, causal, carried, totals=True)
     for source in (TEXT, IMAGE):
         counts = valid & (ids == source)
-        definition = aligner(k, moda.gram_matrices(moda.gram_terms(k, v, counts), causal))
-        runs = moda.modality_runs(ids)
-        by_runs = aligner.by_runs(k, moda.run_grams(k, v, counts, runs, causal), runs)
+        terms = moda.gram_terms(k, v, counts)
+        definition = aligner(k, moda.gram_matrices(terms, causal, None if carried is None else carried[:, :, source]))
         target = (ids != source)[:, None, :, None].expand_as(k)
-        torch.testing.assert_close(by_runs[target], definition[target], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(aligner.aligned_keys(k, a)[target], definition[target], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(totals[:, :, source], terms.sum(2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("switches", [{}, {"duplex": False}, {"gram": "kv", "causal": False}])
+def test_the_layer_aligns_each_modality_with_its_own_aligner(switches):
+    """ModaAttention.align against the definition: image keys through image_aligner against the text Gram
+    matrix, text keys through text_aligner against the image one (unchanged without duplex)."""
+    mine = trained_like(layer(**switches))
+    ids = torch.tensor([[TEXT] * 3 + [IMAGE] * 5 + [TEXT] * 4 + [IMAGE] * 2 + [TEXT] * 2] * 2)      # [2, 16]
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, 12:] = False
+    q, k, v = mine.heads(torch.randn(2, 16, D))
+    x = k if mine.config.moda_gram == "kk" else v
+    aligned = mine.align(k, v, ids, valid)
+    for target, source, aligner in ((IMAGE, TEXT, mine.image_aligner), (TEXT, IMAGE, mine.text_aligner)):
+        grams = moda.gram_matrices(moda.gram_terms(k, x, valid & (ids == source)), mine.config.moda_causal)
+        expected = k if aligner is None else aligner(k, grams)
+        rows = (ids == target)[:, None, :, None].expand_as(k)
+        torch.testing.assert_close(aligned[rows], expected[rows], atol=1e-5, rtol=1e-5)
 
 
 @settings(max_examples=25, deadline=None)

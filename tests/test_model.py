@@ -259,7 +259,7 @@ def test_training_stops_only_after_target_checks_in_a_row(tmp_path, monkeypatch)
     """With target_checks=2 a check at the target is not enough: the next one must be there too; a check below
     it starts the count again."""
     readings = iter([0.9, 0.5, 0.9, 0.95, 0.2])
-    monkeypatch.setattr(T, "exact_match", lambda model, scenes: {"exact_match": next(readings)})
+    monkeypatch.setattr(T, "exact_match", lambda model, scenes, batches=None: {"exact_match": next(readings)})
     recipe = dataclasses.replace(TINY, steps=50, target_exact_match=0.9, target_every=2, target_samples=4,
                                  target_checks=2)
     trainer = T.Trainer("standard", recipe, seed=0, device="cpu")
@@ -340,3 +340,5 @@ def test_exact_match_without_decoding_is_greedy_decodings(half_trained, split, i
     if split == "validation":
         assert 0.1 < greedy["exact_match"] < 0.9          # some captions right, some wrong
     assert one_pass == {"exact_match": greedy["exact_match"], "loss": greedy["loss"]}
+    # Batches encoded once (what the stopping rule reads at every check) give the very same reading.
+    assert E.exact_match(half_trained, None, batches=E.teacher_forced_batches(scenes, inserted, kind)) == one_pass

@@ -50,6 +50,21 @@ def test_parallel_workers_train_the_same_models_as_one_process(tmp_path, monkeyp
         X.ensure_trained("tiny", [2], tmp_path / "serial", attentions=["gated"], workers=0)
 
 
+def test_the_workers_take_the_costliest_runs_first_and_each_result_keeps_its_run(tmp_path, monkeypatch):
+    """Longest-processing-time order: MODA's runs, then SIGMA's, Gated's, standard's, seeds in order within
+    one attention; the results still come back under their own (attention, seed)."""
+    assert sorted(X.COSTLIEST_FIRST) == sorted(X.ATTENTION_KINDS)
+    monkeypatch.setitem(T.PRESETS, "tiny", TINY)
+    taken = []
+    def fake_run(function, jobs, workers=None, desc="", progress=True):
+        taken.extend((job["attention"], job["seed"]) for job in jobs)
+        return [{"attention": job["attention"], "seed": job["seed"]} for job in jobs]
+    monkeypatch.setattr(X, "run_in_workers", fake_run)
+    runs = X.ensure_trained("tiny", [0, 1], tmp_path, attentions=list(X.ATTENTION_KINDS), progress=False)
+    assert taken == [(a, s) for a in X.COSTLIEST_FIRST for s in (0, 1)]
+    assert all(r["attention"] == a and r["seed"] == s for a in runs for s, r in zip((0, 1), runs[a]))
+
+
 def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path, monkeypatch):
     T.Trainer("sigma", TINY, 0, tmp_path, device="cpu").run(stop_at=4, progress=False)
     other = T.TrainConfig(**{**TINY.__dict__, "lr": 1e-4})

@@ -35,6 +35,9 @@ from . import stats
 from ..train import TrainConfig, Trainer, checkpoint_config, get_preset
 
 ATTENTION_KINDS = tuple(ATTENTIONS)          # every kind the package defines (model.ATTENTIONS)
+# The attentions by what one of their runs costs on a CPU, most first: MODA's training step costs most, and
+# SIGMA's runs take the most steps of the others (docs/PERFORMANCE.md, the training-step table).
+COSTLIEST_FIRST = ("moda", "sigma", "gated", "standard")
 
 TABLE_METRICS = [("caption_exact_match", "caption EM"), ("compositional_exact_match", "compositional EM"),
                  ("text_only_accuracy", "text-only acc"), ("dilution.blank.64", "text-only, 64 blank img"),
@@ -136,8 +139,6 @@ def ensure_trained(preset: str, seeds, out_dir: str | Path, attentions=ATTENTION
 
 def _ensure_trained(preset, config, seeds, out_dir, attentions, progress, workers) -> dict[str, list[dict]]:
     finished, jobs = {}, []
-    # Seed by seed, so that the attentions whose steps cost more (MODA's about twice) are spread over the run
-    # instead of left together at its end, where one worker would train them while the other waits.
     for seed in seeds:
         for attention in attentions:
             wanted = config.updated(attention=attention).as_dict()
@@ -152,6 +153,9 @@ def _ensure_trained(preset, config, seeds, out_dir, attentions, progress, worker
                 checkpoint.replace(path / "checkpoint.pt.stale")
             jobs.append({"attention": attention, "preset": preset, "seed": seed, "out_dir": path,
                          "config": config, "resume": resume})
+    # The longest jobs first (longest-processing-time scheduling): the workers then end on short jobs, and
+    # neither waits long for the other's last one. Which order a job runs in changes none of its numbers.
+    jobs.sort(key=lambda job: COSTLIEST_FIRST.index(job["attention"]))
     # One job in this process keeps its own progress bar (a notebook training one model shows its steps).
     show_steps = len(jobs) == 1 or workers == 1
     results = run_in_workers(_train_job, [{**job, "progress": progress and show_steps} for job in jobs], workers,

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .bench import Table, interleaved_medians
 from ..data import DataStream
 from .. import data as D
-from ..evaluate import exact_match
+from ..evaluate import exact_match, teacher_forced_batches
 from .experiments import ATTENTION_KINDS, default_workers, run_in_workers
 from ..runtime import TRAINING_THREADS, torch_threads
 from ..attention import AttentionConfig
@@ -147,13 +147,14 @@ def _check_curve(job: dict) -> dict:
         config = job["config"].updated(target_exact_match=None)
         trainer = Trainer(job["attention"], config, job["seed"], device="cpu")
         validation, test = D.load_split("validation"), D.load_split("test")
+        parts = [teacher_forced_batches(scenes) for scenes in (validation[:200], validation[200:], test)]
         checks = []
         for step in range(job["first"], config.steps + 1, job["every"]):
             trainer.run(stop_at=step, progress=False)
-            first, rest = (exact_match(trainer.model, part)["exact_match"] for part in (validation[:200], validation[200:]))
+            first, rest, on_test = (exact_match(trainer.model, None, batches=part)["exact_match"] for part in parts)
             checks.append({"step": step, "train_seconds": trainer.train_seconds,
                            "validation_200": first, "validation_300": (200 * first + 100 * rest) / 300,
-                           "test": exact_match(trainer.model, test)["exact_match"]})
+                           "test": on_test})
     return {"attention": job["attention"], "seed": job["seed"], "checks": checks}
 
 

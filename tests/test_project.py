@@ -126,7 +126,8 @@ def test_readme_fits_on_a_screen_and_maps_every_module():
 def test_readings_hold_on_the_committed_compare_run():
     """What README and RESULTS read off the ten-seed compare run, recomputed by the package from its runs: every
     model learned the task; no caption difference survives Holm's correction; the one difference that does is
-    SIGMA below Gated on compositional scenes, on every seed; SIGMA below standard there is a lead only."""
+    SIGMA below Gated on compositional scenes (13 points, nine seeds of ten); SIGMA below MODA there is a lead
+    only, and SIGMA against standard nothing (five seeds each way)."""
     data = json.loads((ROOT / "results" / "cpu" / "results.json").read_text())
     runs = data["runs"]
     assert data["seeds"] == list(range(10)) and all(len(rs) == 10 for rs in runs.values())
@@ -135,14 +136,16 @@ def test_readings_hold_on_the_committed_compare_run():
     assert json.loads(json.dumps(compared)) == data["comparisons"]            # the file holds what the code computes
     assert json.loads(json.dumps(experiments.summaries(runs))) == data["summary"]
     assert set(runs) == {"standard", "gated", "sigma", "moda"}
-    assert min(r["caption_exact_match"] for rs in runs.values() for r in rs) >= 0.97
+    assert min(r["caption_exact_match"] for rs in runs.values() for r in rs) >= 0.95     # learned: >= 95% each
     found = {(c["metric"], c["a"], c["b"]): c for c in compared}
     assert [key for key, c in found.items() if c["significant"]] == [("compositional_exact_match", "sigma", "gated")]
     sigma_gated = found["compositional_exact_match", "sigma", "gated"]
-    assert sigma_gated["b_higher"] == 10 and sigma_gated["mean_difference"] < -0.15
+    assert sigma_gated["b_higher"] == 9 and round(sigma_gated["mean_difference"], 2) == -0.13
+    moda_sigma = found["compositional_exact_match", "moda", "sigma"]
+    assert moda_sigma["a_higher"] == 9 and moda_sigma["p"] < 0.05 < moda_sigma["p_holm"]
     sigma_standard = found["compositional_exact_match", "sigma", "standard"]
-    assert sigma_standard["b_higher"] == 9 and sigma_standard["p"] < 0.05 < sigma_standard["p_holm"]
-    assert all(r["text_only_accuracy"] == 1.0 and r["dilution"]["blank"]["64"] < 0.2
+    assert sigma_standard["a_higher"] == sigma_standard["b_higher"] == 5 and sigma_standard["p"] > 0.05
+    assert all(r["text_only_accuracy"] >= 0.99 and r["dilution"]["blank"]["64"] < 0.2
                for rs in runs.values() for r in rs)
 
 

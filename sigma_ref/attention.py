@@ -173,6 +173,10 @@ class _Attention(nn.Module):
     # A function of the attention probabilities [B, H, Q, S] applied after the softmax, before they weight the
     # values; None: attention as trained. var.redistributing() sets it (VAR, a training-free edit).
     probs_edit = None
+    # True where a query's output depends on LATER tokens (MODA as released: its Gram sum covers the whole
+    # sequence). Such a layer is causal only in its softmax; a teacher-forced pass then reads the answer it is
+    # asked to write, so evaluate.exact_match decodes instead.
+    sees_future = False
 
     def __init__(self, config: AttentionConfig):
         super().__init__()

@@ -103,15 +103,25 @@ def exact_match(model: TinyMLLM, scenes: list[dict], inserted: int = 0, kind: st
     arg-max, at a fraction of the cost: the stopping rule checks 300 scenes every 25 steps with it. What it
     cannot give is what a wrong caption looks like (slot accuracies, examples): evaluate() decodes for those.
     Nor can it read a model whose attention is being edited (VAR, var.redistributing): the edit finds its sinks
-    at the prefill, which here would hold the caption too, so it would differ from decoding.
-    `batches` (teacher_forced_batches of these scenes) replaces encoding them here; `scenes` may then be None.
+    at the prefill, which here would hold the caption too, so it would differ from decoding. A model whose
+    attention sees later tokens (MODA as released, `sees_future`) would read the caption it is asked to write
+    in that pass: for it, the exact match is read by decoding the scenes (evaluate()), the loss as evaluate()
+    reads it. `batches` (teacher_forced_batches of these scenes) replaces encoding them here.
     """
     if any(block.attn.probs_edit is not None for block in model.blocks):
         raise ValueError("exact_match: the model's attention is being edited (probs_edit is set, e.g. inside "
                          "var.redistributing); expected a plain model: use evaluate(), which decodes")
+    if any(block.attn.sees_future for block in model.blocks):
+        if scenes is None:
+            raise ValueError("exact_match: the model's attention sees later tokens (sees_future: MODA with "
+                             "moda_causal=False), so it must decode; expected the scenes, got only batches")
+        decoded = evaluate(model, scenes, inserted, kind, batch_size)
+        return {"exact_match": decoded["exact_match"], "loss": decoded["loss"]}
     model.eval()
     device = next(model.parameters()).device
     batches = batches if batches is not None else teacher_forced_batches(scenes, inserted, kind, batch_size, device)
+    if not batches:
+        raise ValueError("batches: expected at least one batch of teacher_forced_batches(), got none")
     correct, losses, count = 0, [], 0
     for batch in batches:
         out = model(batch)

@@ -198,6 +198,12 @@ class ModaAttention(_Attention):
         else:
             self.register_parameter("p_base", None)
 
+    @property
+    def sees_future(self) -> bool:
+        """With moda_causal=False (as released) the aligned keys sum the other modality over the whole sequence,
+        so an earlier output changes with a later token (_Attention.sees_future)."""
+        return self.image_aligner is not None and not self.config.moda_causal
+
     def heads(self, x: torch.Tensor):
         """x [B, S, D] -> q, k, v [B, H, S, d]."""
         B, S, _ = x.shape

@@ -275,8 +275,8 @@ class Trainer:
         gate_batches = {"gates": probe_batch,
                         "gates_expand": to_device(D.collate([D.encode(s) for s in text_only]), self.device),
                         "gates_expand_images": to_device(D.collate([D.encode(s, GATE_PROBE_IMAGES) for s in text_only]), self.device)}
-        target_batches = (teacher_forced_batches(D.load_split("validation")[:self.config.target_samples],
-                                                 device=self.device)      # encoded once, read at every check
+        target_scenes = D.load_split("validation")[:self.config.target_samples]
+        target_batches = (teacher_forced_batches(target_scenes, device=self.device)   # encoded once, read each check
                           if self.config.target_exact_match is not None else None)
         bar = tqdm(total=stop_at, initial=self.step, desc=f"{self.attention} seed {self.seed}", disable=not progress)
         if self.step == 0 and not self.gate_history:           # the curves start at initialisation
@@ -292,7 +292,7 @@ class Trainer:
             if self.step % self.config.eval_every == 0 or self.step == self.config.steps:
                 self._record_curves(probe_batch, gate_batches)
             if self.config.target_exact_match is not None and self.step % self.config.target_every == 0:
-                reached = exact_match(self.model, None, batches=target_batches)["exact_match"]
+                reached = exact_match(self.model, target_scenes, batches=target_batches)["exact_match"]
                 self.exact_match_curve.append((self.step, self.train_seconds, reached))
                 bar.set_postfix(loss=f"{loss:.3f}", exact_match=f"{reached:.3f}")
                 if rule_fires(self.exact_match_curve, self.config.target_exact_match, self.config.target_checks):

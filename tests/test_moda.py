@@ -165,6 +165,25 @@ def test_cached_tiny_model_generation_equals_recomputation():
     assert model.generate(prompts, 8, use_cache=True) == model.generate(prompts, 8, use_cache=False)
 
 
+def test_exact_match_decodes_a_model_that_sees_the_future(monkeypatch):
+    """MODA as released (moda_causal=False) sums the Gram matrix over the whole sequence: in a teacher-forced pass
+    its image keys carry the caption it is asked to write (a trained one reads 1.0 there and 0.03 decoding). So
+    exact_match decodes such a model (evaluate), and refuses batches without their scenes."""
+    leaky = TinyMLLM(tiny_config("moda", moda_causal=False)).eval()
+    causal = TinyMLLM(tiny_config("moda")).eval()
+    assert [b.attn.sees_future for b in leaky.blocks] == [True] * len(leaky.blocks)
+    assert not any(b.attn.sees_future for m in (causal, TinyMLLM(tiny_config("moda", moda_causal=False, moda_align=False)),
+                                                 TinyMLLM(tiny_config("sigma"))) for b in m.blocks)
+    scenes = data.load_split("test")[:4]
+    decoded = []
+    monkeypatch.setattr(evaluate, "evaluate", lambda model, *args: decoded.append(model) or {"exact_match": 0.25, "loss": 1.5})
+    assert evaluate.exact_match(leaky, scenes) == {"exact_match": 0.25, "loss": 1.5} and decoded == [leaky]
+    evaluate.exact_match(causal, scenes)
+    assert decoded == [leaky]                                      # a causal model is read in one pass
+    with pytest.raises(ValueError, match="sees later tokens"):
+        evaluate.exact_match(leaky, None, batches=evaluate.teacher_forced_batches(scenes))
+
+
 @settings(max_examples=20, deadline=None)
 @given(modality_rows(max_batch=3, max_len=20), st.data())
 def test_right_padding_changes_no_real_output(ids, data):

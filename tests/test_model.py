@@ -342,3 +342,5 @@ def test_exact_match_without_decoding_is_greedy_decodings(half_trained, split, i
     assert one_pass == {"exact_match": greedy["exact_match"], "loss": greedy["loss"]}
     # Batches encoded once (what the stopping rule reads at every check) give the very same reading.
     assert E.exact_match(half_trained, None, batches=E.teacher_forced_batches(scenes, inserted, kind)) == one_pass
+    with pytest.raises(ValueError, match="batches: expected at least one batch"):
+        E.exact_match(half_trained, None, batches=[])

@@ -147,11 +147,12 @@ def _check_curve(job: dict) -> dict:
         config = job["config"].updated(target_exact_match=None)
         trainer = Trainer(job["attention"], config, job["seed"], device="cpu")
         validation, test = D.load_split("validation"), D.load_split("test")
-        parts = [teacher_forced_batches(scenes) for scenes in (validation[:200], validation[200:], test)]
+        parts = [(scenes, teacher_forced_batches(scenes)) for scenes in (validation[:200], validation[200:], test)]
         checks = []
         for step in range(job["first"], config.steps + 1, job["every"]):
             trainer.run(stop_at=step, progress=False)
-            first, rest, on_test = (exact_match(trainer.model, None, batches=part)["exact_match"] for part in parts)
+            first, rest, on_test = (exact_match(trainer.model, scenes, batches=batches)["exact_match"]
+                                    for scenes, batches in parts)
             checks.append({"step": step, "train_seconds": trainer.train_seconds,
                            "validation_200": first, "validation_300": (200 * first + 100 * rest) / 300,
                            "test": on_test})

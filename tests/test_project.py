@@ -150,10 +150,11 @@ def test_readings_hold_on_the_committed_compare_run():
 
 
 def test_readings_hold_on_the_committed_dilution_run():
-    """What RESULTS, README and notebook 08 read off the ten-seed dilution run, recomputed by the package: without
-    irrelevant images every model breaks; with them all are robust up to 16 tokens; beyond, SIGMA keeps more than
-    every other attention (all twelve comparisons significant after Holm); its caption cost is not resolved; of
-    its parts, only no intra head and one intra head keep significantly less; its global gate does not close."""
+    """What RESULTS, README and notebooks 08-09 read off the ten-seed dilution run, recomputed by the package:
+    without irrelevant images every model breaks; with them all are robust up to 16 tokens; beyond, SIGMA keeps
+    more than every other attention on at least 8 seeds of 10, ten of the twelve differences significant after
+    Holm (Gated at 64 tokens: leads); its caption cost is not resolved; none of its parts is a finding (four
+    leads); MODA as released fails at captioning; SIGMA's global gate does not close."""
     import statistics
 
     results = json.loads((ROOT / "results" / "dilution" / "results.json").read_text())
@@ -168,15 +169,18 @@ def test_readings_hold_on_the_committed_dilution_run():
                                               if m["train_mix"] == mix and m["variant"] == variant]
     kinds = ("standard", "gated", "sigma", "moda")
     assert all(max(accuracy("text only", a, "blank", 64)) < 0.2 for a in kinds)
-    assert all(min(accuracy("irrelevant images", a, kind, n)) >= 0.98
+    assert all(min(accuracy("irrelevant images", a, kind, n)) >= 0.95
                for a in kinds for kind in ("blank", "noise") for n in (8, 16))
-    robustness = [c for c in compared if c["metric"] != "caption EM"]
-    assert len(robustness) == 12 and all(c["significant"] and c["a_higher"] >= 8 for c in robustness)
+    robustness = {(c["metric"], c["b"]): c for c in compared if c["metric"] != "caption EM"}
+    assert len(robustness) == 12 and all(c["a_higher"] >= 8 and c["mean_difference"] > 0 for c in robustness.values())
+    assert {key for key, c in robustness.items() if not c["significant"]} == {("64 blank", "gated"), ("64 noise", "gated")}
     assert not any(c["significant"] for c in compared if c["metric"] == "caption EM")
-    sigma_parts = {(c["a"], c["metric"]) for c in parts["SIGMA"] if c["significant"]}
-    assert sigma_parts == {("0 intra heads", "128 noise"), ("1 intra head", "128 noise")}
+    assert not any(c["significant"] for c in parts["SIGMA"])
+    leads = {c["a"] for c in parts["SIGMA"] if c["metric"] == "128 noise" and c["b_higher"] == 8 and c["p"] < 0.05}
+    assert leads == {"0 intra heads", "gates off", "stream bias off", "bias init 0"}
     moda_parts = {(c["a"], c["metric"]) for c in parts["MODA"] if c["significant"]}
-    assert moda_parts == {("moda as released", "caption EM"), ("moda as released", "128 noise")}
+    assert moda_parts == {("moda as released", "caption EM"), ("moda as released", "64 blank"),
+                          ("moda as released", "128 noise")}
     released = [m["caption_exact_match"] for m in metrics if m["variant"] == "moda as released"]
     assert len(released) == 10 and max(released) < 0.1
     sigma_runs = [m for m in metrics if m["variant"] == "sigma"]
@@ -189,8 +193,9 @@ def test_readings_hold_on_the_committed_dilution_run():
 
 def test_readings_hold_on_the_committed_var_run():
     """No sinks: no massive dimension, nothing recurs across seeds, the flagged tokens fail the paper's tests;
-    VAR moves no mean by more than half a point, caption exact match by at most two captions in a hundred and a
-    text-only accuracy by at most five answers in a hundred (docs/RESULTS.md)."""
+    VAR moves no caption mean by more than half a point, caption exact match by at most two captions in a
+    hundred, and a text-only accuracy by at most five answers in a hundred except on one model (docs/RESULTS.md
+    names it), no dilution mean by more than 1.8 points."""
     study = json.loads((ROOT / "results" / "var" / "results.json").read_text())
     compare = study["compare"]
     assert {s["attention"] for s in compare} == {"standard", "gated", "sigma", "moda"} and study["seeds"] == list(range(10))
@@ -209,5 +214,12 @@ def test_readings_hold_on_the_committed_var_run():
         plain = statistics.mean(r["plain"]["exact_match"] for r in runs)
         assert all(abs(statistics.mean(r["var"][cell]["exact_match"] for r in runs) - plain) <= 0.005 + 1e-9
                    for cell in runs[0]["var"])
-    assert len(study["dilution"]) == 80 and all(abs(v[k] - r["text_only"]["plain"][k]) <= 0.05 + 1e-9
-                                                for r in study["dilution"] for v in r["text_only"]["var"].values() for k in v)
+    moves = {(r["attention"], r["train_mix"], r["seed"]): max(abs(v[k] - r["text_only"]["plain"][k])
+                                                             for v in r["text_only"]["var"].values() for k in v)
+             for r in study["dilution"]}
+    assert len(moves) == 80 and [key for key, m in moves.items() if m > 0.05 + 1e-9] == [("standard", "irrelevant images", 5)]
+    assert moves["standard", "irrelevant images", 5] <= 0.13 + 1e-9          # the one exception RESULTS names
+    for a, mix in {(r["attention"], r["train_mix"]) for r in study["dilution"]}:
+        runs = [r["text_only"] for r in study["dilution"] if (r["attention"], r["train_mix"]) == (a, mix)]
+        assert all(abs(statistics.fmean(r["var"][cell][k] - r["plain"][k] for r in runs)) <= 0.018 + 1e-9
+                   for cell in runs[0]["var"] for k in runs[0]["plain"])

@@ -63,6 +63,26 @@ def test_with_holm_marks_only_what_survives_the_correction():
     assert [c["significant"] for c in compared] == [True, False, False]
 
 
+def bootstrap_by_loop(values, level=0.95, resamples=1000, seed=0):
+    """The definition, one draw at a time: random.Random(seed).choices, each mean summed left to right."""
+    rng, n = random.Random(seed), len(values)
+    means = []
+    for _ in range(resamples):
+        total = 0.0
+        for value in rng.choices(values, k=n):
+            total += value
+        means.append(total / n)
+    means.sort()
+    return means[int((1 - level) / 2 * (resamples - 1))], means[int(round((1 + level) / 2 * (resamples - 1)))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-100, 100, allow_nan=False), min_size=2, max_size=20), st.integers(0, 50),
+       st.sampled_from([0.8, 0.9, 0.95]))
+def test_the_vectorised_bootstrap_is_the_loop_to_the_bit(values, seed, level):
+    assert stats.bootstrap_interval(values, level, 1000, seed) == bootstrap_by_loop(values, level, 1000, seed)
+
+
 def test_bootstrap_interval_brackets_the_mean_and_approaches_the_normal_width():
     rng = random.Random(0)
     values = [rng.gauss(0.5, 0.1) for _ in range(400)]

@@ -27,6 +27,8 @@ import itertools
 import random
 import statistics
 
+import numpy as np
+
 from ..checks import check_int
 
 BOOTSTRAP_RESAMPLES = 10_000
@@ -50,19 +52,29 @@ def sample_std(values) -> float:
 def bootstrap_interval(values, level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
                        seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean: `resamples` means of the values drawn with replacement, and
-    the (1 - level) / 2 and (1 + level) / 2 quantiles of them. Seeded, so a results file is reproducible."""
+    the (1 - level) / 2 and (1 + level) / 2 quantiles of them. Seeded, so a results file is reproducible.
+
+    The draws are those of random.Random(seed).choices(values, k=n), resample after resample, and each mean is
+    the left-to-right sum over n: numpy's RandomState runs the same Mersenne Twister from the same state and
+    builds its doubles the same way (53 bits from two words), floor(u * n) picks the same index, and a cumulative
+    sum adds in the same order. So the interval equals the plain loop's to the bit, in a few milliseconds
+    instead of tens (the tables compute dozens; tests/test_stats.py holds the two equal).
+    """
     values = _check_values("values", values)
     check_int("resamples", resamples, low=1)
     if not 0 < level < 1:
         raise ValueError(f"level must be between 0 and 1, got {level!r}")
     if len(values) == 1:
         return values[0], values[0]
-    rng = random.Random(seed)
     n = len(values)
-    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
+    _, words, _ = random.Random(seed).getstate()                  # 624 state words, then the position
+    generator = np.random.RandomState()
+    generator.set_state(("MT19937", np.array(words[:-1], dtype=np.uint32), words[-1]))
+    picks = np.floor(generator.random_sample((resamples, n)) * n).astype(np.int64)      # [resamples, n]
+    means = np.sort(np.asarray(values)[picks].cumsum(axis=1)[:, -1] / n)
     low = means[int((1 - level) / 2 * (resamples - 1))]
     high = means[int(round((1 + level) / 2 * (resamples - 1)))]
-    return low, high
+    return float(low), float(high)
 
 
 def summarize(values) -> dict:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionConfig, AttentionDetails, _Attention
 from .kernels import KVCache
-from .masks import IMAGE, NUM_MODALITIES, TEXT
+from .masks import IMAGE, NUM_MODALITIES
 
 PSEUDO_LENGTH = 4096       # n: the pseudo-scores run to this length, fixed so that decoding equals recomputing
 PSEUDO_BETA = 1.0          # beta: how fast the pseudo-scores fall along the row (the paper does not give it)

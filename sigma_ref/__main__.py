@@ -10,7 +10,7 @@ import sys
 
 from . import data, kernels, masks, train
 from .model import ATTENTIONS
-from .lab import bench, dilution, experiments, gpucheck, report, speedrun, var_study
+from .lab import bench, dilution, experiments, gpucheck, report, runs, speedrun, var_study
 from .teaching import course
 from .runtime import TRAINING_THREADS, machine_description, torch_threads
 
@@ -78,7 +78,7 @@ def _attention_options(args) -> dict:
 def _train(args) -> None:
     config = train.get_preset(args.preset).updated(backend=args.backend, max_irrelevant_images=args.max_train_images)
     with torch_threads(TRAINING_THREADS):               # the thread policy (runtime.py), as compare trains
-        metrics = experiments.train_and_evaluate(args.attention, args.preset, args.seed, args.out, resume=args.resume,
+        metrics = runs.train_and_evaluate(args.attention, args.preset, args.seed, args.out, resume=args.resume,
                                                  config=config, model_overrides=_attention_options(args))
     print(json.dumps({k: v for k, v in metrics.items() if k not in ("loss_curve", "gate_history")}, indent=2))
 

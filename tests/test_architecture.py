@@ -35,7 +35,7 @@ FLOORS = [
     ["widgets"],
     # the tooling
     ["hf.flash", "teaching.launch"],
-    ["lab", "lab.stats", "teaching", "teaching.course", "lab.lower_bounds", "hf.convert", "hf.toy"],
+    ["lab", "lab.stats", "lab.runs", "teaching", "teaching.course", "lab.lower_bounds", "hf.convert", "hf.toy"],
     ["lab.experiments", "lab.bench", "hf", "hf.finetune"],
     ["lab.speedrun", "lab.gpucheck", "lab.dilution", "hf.bench"],
     ["lab.report", "lab.var_study"],

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from sigma_ref import data as D
 from sigma_ref import evaluate as E
-from sigma_ref.lab import experiments as X
+from sigma_ref.lab import runs as R
 from sigma_ref import kernels, probes
 from sigma_ref import train as T
 from sigma_ref.attention import KVCache
@@ -80,7 +80,7 @@ def test_the_gpu_recipe_trains_evaluates_checkpoints_and_resumes_through_flash_u
     """The `gpu` preset's path end to end on CPU: bf16 autocast everywhere, every attention call through flash."""
     flash_double.calls.clear()
     with flash.substitute(flash_double):
-        metrics = X.train_and_evaluate("sigma", "gpu", 0, tmp_path / "run", progress=False, device="cpu",
+        metrics = R.train_and_evaluate("sigma", "gpu", 0, tmp_path / "run", progress=False, device="cpu",
                                        config=TINY_GPU)
         calls = set(flash_double.calls)
         model = E.load_model(tmp_path / "run" / "checkpoint.pt")

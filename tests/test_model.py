@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import sigma_ref as sr
 from sigma_ref import data as D
 from sigma_ref import evaluate as E
-from sigma_ref.lab import experiments as X
+from sigma_ref.lab import runs as R
 from sigma_ref import train as T
 from sigma_ref.model import TinyMLLM
 
@@ -311,7 +311,7 @@ def test_unknown_preset():
 
 def test_metrics_json_has_every_field(tmp_path, monkeypatch):
     monkeypatch.setitem(T.PRESETS, "tiny", TINY)
-    metrics = X.train_and_evaluate("sigma", "tiny", 0, tmp_path, progress=False, device="cpu")
+    metrics = R.train_and_evaluate("sigma", "tiny", 0, tmp_path, progress=False, device="cpu")
     written = json.loads((tmp_path / "metrics.json").read_text())
     for key in ["caption_exact_match", "slot_accuracy", "compositional_exact_match", "text_only_accuracy",
                 "dilution", "train_seconds", "steps", "parameters", "loss_curve", "validation_curve", "config"]:

@@ -1,12 +1,15 @@
 """Training runs on disk: resumed after a crash, the same in parallel workers, refused for another recipe."""
 
 import json
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from sigma_ref.lab import experiments as X
+from sigma_ref.lab import runs as R
 from sigma_ref import runtime
 from sigma_ref import train as T
 
@@ -43,7 +46,7 @@ def test_parallel_workers_train_the_same_models_as_one_process(tmp_path, monkeyp
     for one, other in zip(serial["gated"], parallel["gated"]):
         assert one["seed"] == other["seed"] and one["threads"] == other["threads"] == runtime.TRAINING_THREADS
         assert one["loss_curve"] == other["loss_curve"] and one["caption_exact_match"] == other["caption_exact_match"]
-    monkeypatch.setattr(X, "train_and_evaluate", lambda **job: pytest.fail(f"retrained {job}"))
+    monkeypatch.setattr(R, "train_and_evaluate", lambda **job: pytest.fail(f"retrained {job}"))
     again = X.ensure_trained("tiny", [0, 1], tmp_path / "parallel", attentions=["gated"], progress=False)
     assert [r["loss_curve"] for r in again["gated"]] == [r["loss_curve"] for r in parallel["gated"]]
     with pytest.raises(ValueError, match="workers must be an int >= 1, got 0"):
@@ -65,6 +68,14 @@ def test_the_workers_take_the_costliest_runs_first_and_each_result_keeps_its_run
     assert all(r["attention"] == a and r["seed"] == s for a in runs for s, r in zip((0, 1), runs[a]))
 
 
+def test_a_training_worker_starts_without_the_drawing_modules():
+    """A spawned worker imports the module of its job function (runs.train_job) and never draws: matplotlib,
+    which `experiments` imports for its figures, would add about a second to every worker's start."""
+    code = "import sys, sigma_ref.lab.runs; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False" and X.train_job is R.train_job and R.train_job.__module__ == "sigma_ref.lab.runs"
+
+
 def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path, monkeypatch):
     T.Trainer("sigma", TINY, 0, tmp_path, device="cpu").run(stop_at=4, progress=False)
     other = T.TrainConfig(**{**TINY.__dict__, "lr": 1e-4})
@@ -83,14 +94,14 @@ def test_a_second_caller_waits_for_the_models_instead_of_training_them_again(tmp
     """Two notebooks asking for the same models at once (two threads here): one trains, the other waits on the
     directory's lock and reuses what the first wrote."""
     monkeypatch.setitem(T.PRESETS, "tiny", TINY)
-    trained, original = [], X.train_and_evaluate
+    trained, original = [], R.train_and_evaluate
 
     def slow_training(**job):            # a window in which the other caller looks for the same run
         trained.append(job["seed"])
         time.sleep(1.0)
         return original(**job)
 
-    monkeypatch.setattr(X, "train_and_evaluate", slow_training)
+    monkeypatch.setattr(R, "train_and_evaluate", slow_training)
     results = [None, None]
 
     def call(i):

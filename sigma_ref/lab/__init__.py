@@ -1,5 +1,6 @@
 """The lab: the tooling that trains, measures and compares, built on the core a learner reads.
 
+    runs           one model trained and evaluated into its directory; jobs in spawned worker processes
     experiments    ensure_trained (reuses and resumes runs, trains in parallel workers), compare, summary tables
     dilution       the dilution experiment: two training mixes, 0-128 irrelevant image tokens, SIGMA's and MODA's
                    ablations

@@ -34,7 +34,8 @@ from .. import data as D
 from .. import probes, viz
 from ..checks import check_choice, check_int
 from ..evaluate import exact_match
-from .experiments import ATTENTION_KINDS, comparison_table, differences_figure, run_in_workers
+from .experiments import ATTENTION_KINDS, comparison_table, differences_figure
+from .runs import run_in_workers
 from ..masks import IMAGE, TEXT
 from . import stats
 from ..runtime import TRAINING_THREADS, machine_description, torch_threads, write_atomic

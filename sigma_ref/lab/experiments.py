@@ -17,22 +17,20 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 from filelock import FileLock, Timeout
-from tqdm.auto import tqdm
 
 from .. import probes, viz
 from ..model import ATTENTIONS
 from ..checks import check_int
-from ..evaluate import evaluate_all, load_model
-from ..runtime import TRAINING_THREADS, idle_cores, machine_description, torch_threads, write_atomic
+from ..evaluate import load_model
+from ..runtime import machine_description, write_atomic
 from . import stats
-from ..train import TrainConfig, Trainer, checkpoint_config, get_preset
+from .runs import read_metrics, run_dir, run_in_workers, train_job
+from ..train import checkpoint_config, get_preset
 
 ATTENTION_KINDS = tuple(ATTENTIONS)          # every kind the package defines (model.ATTENTIONS)
 # The attentions by what one of their runs costs on a CPU, most first: MODA's training step costs most, and
@@ -45,74 +43,6 @@ TABLE_METRICS = [("caption_exact_match", "caption EM"), ("compositional_exact_ma
                  ("train_seconds", "train s"), ("parameters", "params")]
 # The metrics whose differences between attentions a compare run tests (every pair, one Holm family).
 COMPARED_METRICS = [("caption_exact_match", "caption EM"), ("compositional_exact_match", "compositional EM")]
-
-
-def run_dir(out_dir: str | Path, attention: str, seed: int) -> Path:
-    return Path(out_dir) / f"{attention}_seed{seed}"
-
-
-def train_and_evaluate(attention: str, preset: str, seed: int, out_dir: str | Path, backend: str = "auto",
-                       resume: bool = False, progress: bool = True, device=None,
-                       config: TrainConfig | None = None, model_overrides: dict | None = None) -> dict:
-    """Train one model, evaluate it, write out_dir/metrics.json (and the checkpoint); return the metrics.
-
-    The recipe is the preset's (with `backend`), or `config` when given (the preset is then only its name).
-    `model_overrides` are ModelConfig or AttentionConfig fields (SIGMA's ablation switches num_intra_heads,
-    bias_init, use_gates, use_stream_bias; Gated Attention's headwise_gate; ...), recorded in metrics["config"]. resume=True continues from out_dir/checkpoint.pt when there is one (same recipe, or ValueError).
-    """
-    config = config or get_preset(preset).updated(backend=backend)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(attention, config, seed, out_dir, device=device, model_overrides=model_overrides)
-    if resume and trainer.checkpoint_path.exists():
-        trainer.load(trainer.checkpoint_path)
-    trainer.run(progress=progress)
-    metrics = {"attention": attention, "preset": preset, "seed": seed, "steps": trainer.step,
-               "parameters": trainer.model.num_parameters(), "train_seconds": trainer.train_seconds,
-               "target_reached": trainer.target_reached, "threads": torch.get_num_threads(),
-               "device": str(trainer.device) if trainer.device.type == "cpu" else torch.cuda.get_device_name(),
-               "config": trainer.config.as_dict(),
-               **evaluate_all(trainer.model, config.eval_samples),
-               "loss_curve": trainer.loss_curve, "validation_curve": trainer.validation_curve,
-               "exact_match_curve": trainer.exact_match_curve, "gate_history": trainer.gate_history}
-    text = json.dumps(metrics, indent=1)
-    write_atomic(out_dir / "metrics.json", text)
-    return json.loads(text)            # as a later reader sees it (lists, string keys), trained now or reused
-
-
-def _read_metrics(path: Path) -> dict | None:
-    """metrics.json, or None when it is missing or unreadable (an interrupted write of an older version)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _train_job(job: dict) -> dict:
-    """One training in a worker process (module level, so that a spawned process can import it)."""
-    with torch_threads(TRAINING_THREADS):
-        return train_and_evaluate(**job)
-
-
-def default_workers(jobs: int) -> int:
-    """Processes that train side by side: one per core that other programs leave idle on a CPU (one thread
-    each), one on a GPU."""
-    if torch.cuda.is_available():
-        return 1
-    return max(1, min(jobs, idle_cores() // TRAINING_THREADS))
-
-
-def run_in_workers(function, jobs: list, workers: int | None = None, desc: str = "runs", progress: bool = True) -> list:
-    """[function(job) for job in jobs], `workers` processes at a time (default: default_workers), results in job
-    order. Each worker is a fresh ("spawn") interpreter, safe under Jupyter and with torch's thread pools, so
-    `function` must be a module-level function. One worker (or one job) runs in this process instead."""
-    workers = default_workers(len(jobs)) if workers is None else workers
-    check_int("workers", workers, low=1)
-    if workers == 1 or len(jobs) <= 1:
-        return [function(job) for job in tqdm(jobs, desc=desc, disable=not progress or len(jobs) <= 1)]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(tqdm(pool.map(function, jobs), total=len(jobs), desc=f"{desc}, {workers} at a time",
-                         disable=not progress))
 
 
 def ensure_trained(preset: str, seeds, out_dir: str | Path, attentions=ATTENTION_KINDS, backend: str = "auto",
@@ -143,7 +73,7 @@ def _ensure_trained(preset, config, seeds, out_dir, attentions, progress, worker
         for attention in attentions:
             wanted = config.updated(attention=attention).as_dict()
             path = run_dir(out_dir, attention, seed)
-            metrics = _read_metrics(path / "metrics.json")
+            metrics = read_metrics(path / "metrics.json")
             if metrics is not None and metrics.get("preset") == preset and metrics.get("config") == wanted:
                 finished[attention, seed] = metrics
                 continue
@@ -158,7 +88,7 @@ def _ensure_trained(preset, config, seeds, out_dir, attentions, progress, worker
     jobs.sort(key=lambda job: COSTLIEST_FIRST.index(job["attention"]))
     # One job in this process keeps its own progress bar (a notebook training one model shows its steps).
     show_steps = len(jobs) == 1 or workers == 1
-    results = run_in_workers(_train_job, [{**job, "progress": progress and show_steps} for job in jobs], workers,
+    results = run_in_workers(train_job, [{**job, "progress": progress and show_steps} for job in jobs], workers,
                              f"training {len(jobs)} models", progress)
     finished.update({(job["attention"], job["seed"]): metrics for job, metrics in zip(jobs, results)})
     return {attention: [finished[attention, seed] for seed in seeds] for attention in attentions}

@@ -29,7 +29,8 @@ from .bench import Table, interleaved_medians
 from ..data import DataStream
 from .. import data as D
 from ..evaluate import exact_match, teacher_forced_batches
-from .experiments import ATTENTION_KINDS, default_workers, run_in_workers
+from .experiments import ATTENTION_KINDS
+from .runs import default_workers, run_in_workers
 from ..runtime import TRAINING_THREADS, torch_threads
 from ..attention import AttentionConfig
 from ..model import ModelConfig

@@ -35,7 +35,8 @@ from ..evaluate import evaluate, load_model
 from ..masks import IMAGE, TEXT
 from ..runtime import TRAINING_THREADS, machine_description, torch_threads, write_atomic
 from .dilution import KINDS, MIXES, _slug
-from .experiments import ATTENTION_KINDS, run_dir, run_in_workers
+from .experiments import ATTENTION_KINDS
+from .runs import run_dir, run_in_workers
 
 GRID = list(itertools.product((0.4, 0.6), (0.5, 0.8, 0.9)))           # (p, rho), the paper's convention
 CAPTION_SCENES = 200

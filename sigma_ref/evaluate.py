@@ -86,13 +86,14 @@ def teacher_forced_batches(scenes: list[dict], inserted: int = 0, kind: str = "b
     passes these instead of the scenes and skips encoding them again."""
     examples, chunks = encoded_chunks(scenes, inserted, kind, batch_size)
     if max(len(e.caption) for e in examples) >= MAX_CAPTION_TOKENS:
-        raise ValueError(f"exact_match: captions must be shorter than {MAX_CAPTION_TOKENS} words (what evaluate() "
-                         f"decodes, <eos> included), got {max(len(e.caption) for e in examples)}")
+        raise ValueError(f"scenes: every caption must be shorter than {MAX_CAPTION_TOKENS} words for a teacher-forced "
+                         f"exact match (what evaluate() decodes, <eos> included), got "
+                         f"{max(len(e.caption) for e in examples)}")
     return [to_device(D.collate([examples[i] for i in chunk]), device) for chunk in chunks]
 
 
 @torch.no_grad()
-def exact_match(model: TinyMLLM, scenes: list[dict], inserted: int = 0, kind: str = "blank",
+def exact_match(model: TinyMLLM, scenes: list[dict] | None, inserted: int = 0, kind: str = "blank",
                 batch_size: int = 128, batches: list[dict] | None = None) -> dict:
     """evaluate()'s exact match and caption loss from one teacher-forced forward pass, without decoding.
 

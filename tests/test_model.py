@@ -344,3 +344,11 @@ def test_exact_match_without_decoding_is_greedy_decodings(half_trained, split, i
     assert E.exact_match(half_trained, None, batches=E.teacher_forced_batches(scenes, inserted, kind)) == one_pass
     with pytest.raises(ValueError, match="batches: expected at least one batch"):
         E.exact_match(half_trained, None, batches=[])
+
+
+def test_a_caption_too_long_to_decode_is_refused_by_name():
+    scene = copy.deepcopy(D.load_split("test")[0])
+    obj = {"colour": "red", "shape": "square", "size": "small", "x": 5, "y": 5}
+    scene["objects"], scene["relation"] = [dict(obj) for _ in range(4)], "left of"       # 4 objects: 18 words
+    with pytest.raises(ValueError, match=r"scenes: every caption must be shorter than 16 words .* got 18"):
+        E.teacher_forced_batches([scene])

@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import torch
 from filelock import FileLock, Timeout
 
 from .. import probes, viz
